@@ -1,0 +1,5 @@
+"""Command line: `python -m workbench run PRESET | list-methods | history | export RUN_ID`."""
+
+from workbench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,129 @@
+"""The `python -m workbench` command line.
+
+Exit codes of `run`: 0 every variant ok, 1 some variant failed or was cancelled, 2 bad preset or arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workbench", description="Squeeze Bench: compare compressed LLM variants.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="build and measure every variant of a preset")
+    run.add_argument("preset", help="path to a preset YAML file (see presets/)")
+    run.add_argument("--out", type=Path, help="output folder (default: $WORKBENCH_HOME/runs/RUN_ID)")
+    run.add_argument("--only", help="comma-separated variant names to run (the baseline is always kept)")
+    run.add_argument("--no-cache", action="store_true", help="rebuild artifacts even when cached")
+    run.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped with the weights")
+
+    commands.add_parser("list-methods", help="methods with their options, defaults and help")
+    commands.add_parser("history", help="runs stored in the history database")
+
+    export = commands.add_parser("export", help="export a stored run")
+    export.add_argument("run_id")
+    export.add_argument("--csv", type=Path, help="write one row per variant to this CSV file")
+    export.add_argument("--json", type=Path, help="write the whole run document to this JSON file")
+
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
+        return int(exc.code or 0)
+    try:
+        return {"run": cmd_run, "list-methods": cmd_list_methods, "history": cmd_history, "export": cmd_export}[
+            args.command
+        ](args)
+    except WorkbenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workbench.presets import load_preset, select_variants
+
+    preset = load_preset(args.preset)
+    if args.only:
+        preset = select_variants(preset, [n.strip() for n in args.only.split(",") if n.strip()])
+    if args.trust_remote_code:
+        preset = preset.model_copy(update={"trust_remote_code": True})
+
+    from tqdm import tqdm
+
+    from workbench.report import format_table
+    from workbench.runner import Runner
+
+    bar = tqdm(total=len(preset.variants), unit="variant", dynamic_ncols=True)
+
+    def show(event) -> None:
+        label = f"{event.variant}: {event.phase}" if event.variant else event.phase
+        bar.set_description_str(f"{label} - {event.message}"[:90])
+        if event.variant and event.phase in ("ok", "failed", "cancelled"):
+            bar.update(1)
+            if event.phase != "ok":
+                bar.write(f"{event.variant}: {event.phase}: {event.message}")
+
+    runner = Runner(preset, out_dir=args.out, use_cache=not args.no_cache, on_event=show)
+    try:
+        result = runner.run()
+    except KeyboardInterrupt:
+        runner.cancel()
+        bar.close()
+        print("cancelled", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+    if result["model"].get("note"):
+        print(f"note: {result['model']['note']}")
+    print(format_table(result))
+    print(f"run {result['run_id']}: results in {runner.out_dir / 'results.json'}")
+    return 0 if result["status"] == "ok" else 1
+
+
+def cmd_list_methods(_args: argparse.Namespace) -> int:
+    from workbench.methods.registry import get_method, method_names
+
+    for name in method_names():
+        method = get_method(name)
+        print(f"{name}  [{method.honesty}]  {method.summary}")
+        for field_name, field in method.Options.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            print(f"    {field_name} (default: {default!r}): {field.description}")
+    return 0
+
+
+def cmd_history(_args: argparse.Namespace) -> int:
+    from workbench.store import History
+
+    history = History()
+    runs = history.runs()
+    if not runs:
+        print(f"no runs stored yet in {history.path}")
+        return 0
+    for run in runs:
+        print(f"{run['run_id']}  {run['created_at']}  {run['name']:<16} {run['status']:<9} "
+              f"{run['ok'] or 0}/{run['variants']} ok  {run['model']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from workbench.report import export_csv, export_json
+    from workbench.store import History
+
+    if not (args.csv or args.json):
+        raise WorkbenchError("export needs --csv FILE and/or --json FILE")
+    run = History().load_run(args.run_id)
+    if run is None:
+        raise WorkbenchError(f"no run '{args.run_id}' in the history (see python -m workbench history)")
+    if args.csv:
+        export_csv(run, args.csv)
+        print(f"wrote {args.csv}")
+    if args.json:
+        export_json(run, args.json)
+        print(f"wrote {args.json}")
+    return 0

@@ -1,0 +1,107 @@
+"""bitsandbytes quantization: LLM.int8() and 4-bit NF4 / FP4 (QLoRA), stored as bnb checkpoints.
+
+The artifact is the quantized model saved by transformers (packed int8 / 4-bit weights plus their
+scales), so its disk bytes are the real checkpoint's, and loading it runs bnb's low-bit kernels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field
+
+from workbench.errors import WorkbenchError
+from workbench.methods.base import BuildContext, Method, MethodOptions
+
+
+class Int8Options(MethodOptions):
+    threshold: float = Field(
+        6.0, gt=0, description="LLM.int8() outlier threshold: activations above it run in 16-bit (llm_int8_threshold)."
+    )
+    skip_modules: list[str] | None = Field(
+        None, description="Module names kept unquantized (default: transformers' choice, the output head)."
+    )
+
+
+class FourBitOptions(MethodOptions):
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA double quant).")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype the 4-bit weights are dequantized to for each matmul."
+    )
+    skip_modules: list[str] | None = Field(
+        None, description="Module names kept unquantized (default: transformers' choice, the output head)."
+    )
+
+
+def require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # an ImportError or a broken native library
+        raise WorkbenchError(
+            f"bitsandbytes is unavailable ({type(exc).__name__}: {exc}); install it with "
+            "'pip install bitsandbytes==0.50.2' to run bnb-* variants"
+        ) from None
+
+
+class _BnbMethod(Method):
+    honesty = "real-kernel"
+
+    def quantization_config(self, options: Any) -> Any:
+        raise NotImplementedError
+
+    def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
+        require_bitsandbytes()
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        ctx.emit(f"quantizing with bitsandbytes ({self.name})")
+        model = AutoModelForCausalLM.from_pretrained(
+            input_dir,
+            quantization_config=self.quantization_config(options),
+            device_map={"": ctx.device},
+            trust_remote_code=ctx.trust_remote_code,
+        )
+        model.save_pretrained(out_dir)
+        AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code).save_pretrained(out_dir)
+
+
+class BnbInt8(_BnbMethod):
+    name = "bnb-int8"
+    summary = "LLM.int8(): 8-bit weights with 16-bit outlier columns (bitsandbytes)."
+    Options: ClassVar[type[MethodOptions]] = Int8Options
+
+    def quantization_config(self, options: Int8Options) -> Any:
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_8bit=True, llm_int8_threshold=options.threshold, llm_int8_skip_modules=options.skip_modules
+        )
+
+
+class _FourBit(_BnbMethod):
+    quant_type: ClassVar[str]
+    Options: ClassVar[type[MethodOptions]] = FourBitOptions
+
+    def quantization_config(self, options: FourBitOptions) -> Any:
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=options.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, options.compute_dtype),
+            llm_int8_skip_modules=options.skip_modules,
+        )
+
+
+class BnbNF4(_FourBit):
+    name = "bnb-nf4"
+    quant_type = "nf4"
+    summary = "4-bit NormalFloat weights (QLoRA), optional double quantization (bitsandbytes)."
+
+
+class BnbFP4(_FourBit):
+    name = "bnb-fp4"
+    quant_type = "fp4"
+    summary = "4-bit floating-point weights, optional double quantization (bitsandbytes)."

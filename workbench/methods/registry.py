@@ -1,0 +1,32 @@
+"""Method name -> "module:Class", imported only when a method is used (keeps `import workbench` fast).
+
+Adding a method is one module in this folder plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from workbench.methods.base import Method
+
+_REGISTRY: dict[str, str] = {
+    "fp32": "workbench.methods.dtypes:FP32",
+    "fp16": "workbench.methods.dtypes:FP16",
+    "bf16": "workbench.methods.dtypes:BF16",
+    "bnb-int8": "workbench.methods.bnb:BnbInt8",
+    "bnb-nf4": "workbench.methods.bnb:BnbNF4",
+    "bnb-fp4": "workbench.methods.bnb:BnbFP4",
+}
+
+
+def method_names() -> list[str]:
+    return list(_REGISTRY)
+
+
+@cache
+def get_method(name: str) -> "type[Method]":
+    module_name, attr = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), attr)

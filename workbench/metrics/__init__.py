@@ -1,0 +1,1 @@
+"""Metrics: one module per kind of figure, each a plain function or tracker with its protocol."""

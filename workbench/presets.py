@@ -1,0 +1,204 @@
+"""The preset schema (ARCHITECTURE §2.1): pydantic models with extra="forbid", loaded from YAML.
+
+A preset names one model, the measurement protocol and the variants to build. Every method name
+and every option is checked against the method registry before anything heavy loads, so a typo
+costs a second, not a model conversion.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from workbench.errors import PresetError
+
+DEFAULT_SAMPLE_PROMPTS = (
+    "What is the capital of France?",
+    "Write a Python function that returns the square of a number.",
+    "Explain in one sentence why the sky is blue.",
+)
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvalSpec(StrictModel):
+    text: str = Field(
+        "pydoc",
+        description="'pydoc' (English prose shipped with Python, offline), 'wikitext2' (needs a hub), "
+        "or a path to a UTF-8 text file.",
+    )
+    max_tokens: int = Field(4096, gt=0, description="Tokens of evaluation text scored (truncated to this).")
+    context: int = Field(512, gt=1, description="Window length in tokens for perplexity and KLD.")
+    stride: int = Field(512, gt=0, description="Step between windows; < context overlaps windows.")
+
+    @model_validator(mode="after")
+    def _stride_fits(self) -> "EvalSpec":
+        if self.stride > self.context:
+            raise ValueError(f"eval.stride ({self.stride}) must not exceed eval.context ({self.context})")
+        return self
+
+
+class LatencySpec(StrictModel):
+    prompt_tokens: int = Field(128, gt=0, description="Prompt length for the prefill measurement.")
+    new_tokens: int = Field(32, ge=2, description="Tokens generated per repeat (greedy, EOS ignored).")
+    warmup: int = Field(2, ge=0, description="Untimed repeats before measuring.")
+    repeats: int = Field(5, gt=0, description="Timed repeats; medians, min and max are reported.")
+
+
+class SamplesSpec(StrictModel):
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
+    new_tokens: int = Field(48, gt=0, description="Greedy tokens per sample (stops early at EOS).")
+
+
+class Stage(StrictModel):
+    method: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class VariantSpec(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    method: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    pipeline: list[Stage] | None = None
+
+    @model_validator(mode="after")
+    def _method_or_pipeline(self) -> "VariantSpec":
+        if (self.method is None) == (self.pipeline is None):
+            raise ValueError(f"variant '{self.name}' needs exactly one of 'method' or 'pipeline'")
+        if self.pipeline is not None and (self.options or not self.pipeline):
+            raise ValueError(f"variant '{self.name}': a pipeline takes options per stage and at least one stage")
+        return self
+
+    def stages(self) -> list[Stage]:
+        """The variant as a list of stages; a single method is a one-stage pipeline."""
+        if self.pipeline is not None:
+            return list(self.pipeline)
+        return [Stage(method=self.method or "", options=self.options)]
+
+
+class Preset(StrictModel):
+    name: str
+    model: str = Field(description="bundled:smollm2-135m-instruct, a hub id, a local HF folder or a .gguf path.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, description="CPU threads, pinned.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model (off unless you trust it).")
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    latency: LatencySpec = Field(default_factory=LatencySpec)
+    samples: SamplesSpec = Field(default_factory=SamplesSpec)
+    baseline: str
+    variants: list[VariantSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_and_baseline(self) -> "Preset":
+        names = [v.name for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate variant names: {', '.join(duplicates)} (each variant needs its own name)")
+        if self.baseline not in names:
+            raise ValueError(f"baseline '{self.baseline}' is not among the variants ({', '.join(names)})")
+        return self
+
+    def variant(self, name: str) -> VariantSpec:
+        return next(v for v in self.variants if v.name == name)
+
+
+def parse_preset(data: Any, origin: str = "preset") -> Preset:
+    """Validate a preset dict; raise PresetError with one readable line per problem."""
+    if not isinstance(data, dict):
+        raise PresetError(f"{origin}: a preset is a YAML mapping, got {type(data).__name__}")
+    try:
+        preset = Preset.model_validate(data)
+    except ValidationError as exc:
+        raise PresetError(f"{origin}: " + "; ".join(_describe(e, Preset) for e in exc.errors())) from None
+    check_methods(preset, origin)
+    return preset
+
+
+def load_preset(path: str | Path) -> Preset:
+    path = Path(path)
+    if not path.is_file():
+        raise PresetError(f"preset file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise PresetError(f"{path}: not valid YAML ({exc})") from None
+    return parse_preset(data, str(path))
+
+
+def dump_preset(preset: Preset) -> str:
+    return yaml.safe_dump(preset.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def check_methods(preset: Preset, origin: str = "preset") -> None:
+    """Every stage names a registered method, and its options validate against that method's model."""
+    from workbench.methods.registry import get_method, method_names
+
+    problems = []
+    for variant in preset.variants:
+        for stage in variant.stages():
+            if stage.method not in method_names():
+                problems.append(f"variant '{variant.name}': unknown method '{stage.method}'" + _suggest(stage.method, method_names()))
+                continue
+            options_model = get_method(stage.method).Options
+            try:
+                options_model.model_validate(stage.options)
+            except ValidationError as exc:
+                details = "; ".join(_describe(e, options_model) for e in exc.errors())
+                problems.append(f"variant '{variant.name}' ({stage.method}): {details}")
+    if problems:
+        raise PresetError(f"{origin}: " + "; ".join(problems))
+
+
+def _describe(error: dict, model: type[BaseModel]) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "preset"
+    if error["type"] == "extra_forbidden":
+        key = str(error["loc"][-1])
+        valid = _valid_keys(model, error["loc"][:-1])
+        hint = _suggest(key, valid) if valid else ""
+        listing = f" (valid: {', '.join(valid)})" if valid else ""
+        return f"unknown option '{where}'{hint}{listing}"
+    message = error["msg"]
+    if error["type"] not in ("value_error", "missing"):
+        message += f", got {error.get('input')!r}"
+    return f"{where}: {message}".replace("Value error, ", "")
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model that `loc` points into, for a did-you-mean hint."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ()) or ()
+        candidates = [annotation, *args] + [a for arg in args for a in getattr(arg, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return list(current.model_fields)
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+
+def select_variants(preset: Preset, names: list[str]) -> Preset:
+    """The preset restricted to `names` (for --only); the baseline always stays, so KLD has a reference."""
+    known = [v.name for v in preset.variants]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise PresetError(f"--only names unknown variants: {', '.join(unknown)} (variants: {', '.join(known)})")
+    keep = set(names) | {preset.baseline}
+    return preset.model_copy(update={"variants": [v for v in preset.variants if v.name in keep]})

@@ -1,0 +1,102 @@
+"""Run one function in a fresh worker process and turn any way it can end into a plain outcome.
+
+A worker that raises, segfaults, runs out of memory or is killed ends as `ok=False` with a
+one-line reason; the parent (the CLI or the UI) keeps running. The worker's stdout and stderr go to
+a log file, so library chatter and native crash messages are kept without cluttering the CLI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from workbench.errors import WorkbenchError
+
+
+@dataclass
+class WorkerOutcome:
+    ok: bool
+    result: Any = None
+    error: str | None = None
+    cancelled: bool = False
+
+
+def _child(target: str, payload: Any, conn: Any, log_path: str) -> None:
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    try:
+        module_name, attr = target.split(":")
+        function = getattr(importlib.import_module(module_name), attr)
+        result = function(payload, lambda message: conn.send(("event", message)))
+        conn.send(("result", result))
+    except BaseException as exc:  # everything becomes a one-line reason for the parent
+        traceback.print_exc()
+        message = str(exc) if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
+        conn.send(("error", message.strip().splitlines()[0] if message.strip() else type(exc).__name__))
+    finally:
+        conn.close()
+
+
+def death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        name = signal.Signals(-exitcode).name
+        hints = {"SIGKILL": " (killed; often the out-of-memory killer)", "SIGSEGV": " (segmentation fault in native code)",
+                 "SIGABRT": " (aborted by native code)", "SIGBUS": " (bus error in native code)"}
+        return f"the worker process died from {name}{hints.get(name, '')}"
+    return f"the worker process exited with code {exitcode} before reporting a result"
+
+
+def run_in_worker(
+    target: str,
+    payload: Any,
+    log_path: Path,
+    on_event: Callable[[str], None] = lambda _m: None,
+    cancel: threading.Event | None = None,
+    on_start: Callable[[int], None] = lambda _pid: None,
+) -> WorkerOutcome:
+    """Call `target(payload, emit)` ("module:function") in a spawned process and wait for it."""
+    context = mp.get_context("spawn")  # a clean interpreter: no inherited threads, locks or CUDA state
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(target, payload, sender, str(log_path)), daemon=True)
+    process.start()
+    sender.close()
+    on_start(process.pid)
+    try:
+        while True:
+            if cancel is not None and cancel.is_set():
+                process.kill()
+                process.join()
+                return WorkerOutcome(ok=False, error="cancelled", cancelled=True)
+            if receiver.poll(0.2):
+                try:
+                    kind, value = receiver.recv()
+                except EOFError:  # the pipe closed: the process is gone
+                    process.join()
+                    return WorkerOutcome(ok=False, error=death_reason(process.exitcode))
+                if kind == "event":
+                    on_event(value)
+                elif kind == "result":
+                    process.join()
+                    return WorkerOutcome(ok=True, result=value)
+                else:
+                    process.join()
+                    return WorkerOutcome(ok=False, error=value)
+            elif not process.is_alive() and not receiver.poll(0):
+                process.join()
+                return WorkerOutcome(ok=False, error=death_reason(process.exitcode))
+    finally:
+        receiver.close()
+        if process.is_alive():
+            process.kill()
+            process.join()

@@ -1,0 +1,66 @@
+"""Tables and exports of a run's records: a readable table for the terminal, CSV and JSON files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+MB = 1e6
+
+# (column title, metric name, scale) for the terminal table; units are in the titles.
+TABLE_COLUMNS = (
+    ("disk MB", "disk_bytes", 1 / MB),
+    ("weights MB", "weight_bytes", 1 / MB),
+    ("peak RSS MB", "peak_rss_bytes", 1 / MB),
+    ("load s", "load_s", 1.0),
+    ("TTFT ms", "ttft_s", 1000.0),
+    ("prefill tok/s", "prefill_tok_s", 1.0),
+    ("decode tok/s", "decode_tok_s", 1.0),
+    ("sparsity", "sparsity", 1.0),
+    ("perplexity", "perplexity", 1.0),
+    ("KLD", "kld_mean", 1.0),
+    ("top-1", "top1_agreement", 1.0),
+)
+
+
+def summary_table(run: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for record in run["variants"]:
+        row: dict[str, Any] = {"variant": record["name"], "method": record["method"], "status": record["status"]}
+        for title, metric, scale in TABLE_COLUMNS:
+            value = record["metrics"].get(metric)
+            row[title] = None if value is None else value * scale
+        row["honesty"] = record.get("honesty")
+        row["error"] = record.get("error") or ""
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_table(run: dict[str, Any]) -> str:
+    table = summary_table(run)
+    if not table["error"].astype(bool).any():
+        table = table.drop(columns="error")
+    return table.to_string(index=False, na_rep="—", float_format=lambda v: f"{v:.4g}")
+
+
+def flat_records(run: dict[str, Any]) -> pd.DataFrame:
+    """One row per variant with every metric under its contract name (for CSV)."""
+    rows = []
+    for record in run["variants"]:
+        row = {"run_id": run["run_id"], "model": run["model"]["source"], "variant": record["name"],
+               "method": record["method"], "status": record["status"], "error": record.get("error"),
+               "honesty": record.get("honesty"), "options": json.dumps(record.get("options", {}))}
+        row.update(record["metrics"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def export_csv(run: dict[str, Any], path: Path) -> None:
+    flat_records(run).to_csv(path, index=False)
+
+
+def export_json(run: dict[str, Any], path: Path) -> None:
+    Path(path).write_text(json.dumps(run, indent=1))

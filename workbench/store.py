@@ -1,0 +1,115 @@
+"""SQLite history of runs and variant records ($WORKBENCH_HOME/history.sqlite, WAL mode).
+
+The schema evolves through MIGRATIONS, applied in order and recorded in `schema_migrations`
+(the simonw/llm pattern). Each variant record is stored as soon as it is measured, so a crash or
+a cancel later in the run keeps what was already measured.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from workbench.paths import history_db
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE runs (
+        run_id TEXT PRIMARY KEY,
+        created_at TEXT NOT NULL,
+        name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        status TEXT NOT NULL,
+        out_dir TEXT,
+        run_json TEXT NOT NULL
+    );
+    CREATE TABLE variants (
+        run_id TEXT NOT NULL REFERENCES runs(run_id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        method TEXT NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT,
+        record_json TEXT NOT NULL,
+        PRIMARY KEY (run_id, name)
+    );
+    """,
+]
+
+
+class History:
+    def __init__(self, path: Path | None = None):
+        self.path = Path(path) if path else history_db()
+        self.db = sqlite3.connect(self.path, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
+        applied = {row[0] for row in self.db.execute("SELECT version FROM schema_migrations")}
+        for version, script in enumerate(MIGRATIONS, start=1):
+            if version in applied:
+                continue
+            # One transaction per migration: a failure leaves the schema at the previous version.
+            self.db.executescript(f"BEGIN; {script}; INSERT INTO schema_migrations VALUES ({version}, '{_now()}'); COMMIT;")
+
+    def schema_version(self) -> int:
+        return int(self.db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
+
+    def start_run(self, run: dict[str, Any], out_dir: Path) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT INTO runs (run_id, created_at, name, model, status, out_dir, run_json) VALUES (?,?,?,?,?,?,?)",
+                (run["run_id"], run["created_at"], run["preset"]["name"], run["model"]["source"], "running",
+                 str(out_dir), json.dumps(_without_variants(run))),
+            )
+
+    def save_variant(self, run_id: str, position: int, record: dict[str, Any]) -> None:
+        with self.db:
+            self.db.execute(
+                "INSERT OR REPLACE INTO variants (run_id, position, name, method, status, error, record_json) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (run_id, position, record["name"], record["method"], record["status"], record["error"], json.dumps(record)),
+            )
+
+    def finish_run(self, run: dict[str, Any], status: str) -> None:
+        with self.db:
+            self.db.execute("UPDATE runs SET status = ?, run_json = ? WHERE run_id = ?",
+                            (status, json.dumps(_without_variants(run)), run["run_id"]))
+
+    def runs(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT r.run_id, r.created_at, r.name, r.model, r.status, r.out_dir, "
+            "COUNT(v.name) AS variants, SUM(v.status = 'ok') AS ok "
+            "FROM runs r LEFT JOIN variants v USING (run_id) GROUP BY r.run_id ORDER BY r.created_at DESC"
+        )
+        return [dict(row) for row in rows]
+
+    def load_run(self, run_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT run_json FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            return None
+        run = json.loads(row[0])
+        records = self.db.execute("SELECT record_json FROM variants WHERE run_id = ? ORDER BY position", (run_id,))
+        run["variants"] = [json.loads(r[0]) for r in records]
+        return run
+
+    def delete_run(self, run_id: str) -> bool:
+        with self.db:
+            return self.db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,)).rowcount > 0
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _without_variants(run: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run.items() if k != "variants"}
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -1,0 +1,156 @@
+"""What runs inside a worker process: build a variant's artifact, or load and measure it.
+
+Both functions take a JSON-able payload and an `emit(message)` callback and return JSON-able data;
+`workbench.process.run_in_worker` runs them in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from workbench import ARTIFACT_FORMAT
+from workbench.cache import cached_folder, key_hash
+from workbench.environment import library_versions
+from workbench.methods.base import BuildContext
+from workbench.methods.registry import get_method
+from workbench.paths import artifacts_dir
+
+Emit = Callable[[str], None]
+
+
+def _combined_honesty(labels: list[str]) -> str:
+    """A pipeline is only as real as its least real stage."""
+    for label in ("simulated", "dense-with-zeros"):
+        if label in labels:
+            return label
+    return labels[-1]
+
+
+def build_artifact(payload: dict, emit: Emit) -> dict:
+    """Apply the variant's stages in order, each cached under a key of everything that shaped it."""
+    from workbench.runtimes.torch import pick_device
+
+    import torch
+
+    torch.set_num_threads(payload["threads"])
+    device = pick_device(payload["device"])
+    ctx = BuildContext(device=device, threads=payload["threads"], trust_remote_code=payload["trust_remote_code"], emit=emit)
+    current = Path(payload["source_dir"])
+    versions = library_versions()
+    stages_done = []
+    for index, stage in enumerate(payload["stages"]):
+        method = get_method(stage["method"])()
+        options = method.Options.model_validate(stage["options"])
+        if method.reuses_input(current, options):
+            stages_done.append({"method": method.name, "artifact_path": str(current), "cached": True, "build_s": 0.0})
+            continue
+        material = {"source": payload["source_fingerprint"], "stages": payload["stages"][: index + 1],
+                    "versions": versions, "format": ARTIFACT_FORMAT, "device": device}
+        started = time.perf_counter()
+        folder, cached = cached_folder(
+            artifacts_dir(), key_hash(material),
+            lambda out, m=method, o=options, src=current: m.build(src, out, o, ctx),
+            material, use_cache=payload["use_cache"], emit=emit,
+        )
+        stages_done.append({"method": method.name, "artifact_path": str(folder), "cached": cached,
+                            "build_s": None if cached else time.perf_counter() - started})
+        current = folder
+    labels = [get_method(s["method"]).honesty for s in payload["stages"]]
+    return {"artifact_path": str(current), "stages": stages_done, "honesty": _combined_honesty(labels),
+            "runtime": get_method(payload["stages"][-1]["method"]).runtime}
+
+
+def measure_variant(payload: dict, emit: Emit) -> dict:
+    """Load the artifact, then measure latency, samples, peak memory, quality and sparsity, in that order."""
+    import torch
+
+    from workbench.metrics.latency import measure_latency
+    from workbench.metrics.memory import gpu_peak_bytes, peak_rss_bytes
+    from workbench.metrics.quality import evaluate_quality
+    from workbench.metrics.sparsity import sparsity_report
+    from workbench.runtimes import load_variant
+    from workbench.runtimes.torch import pick_device
+
+    threads = payload["threads"]
+    torch.set_num_threads(threads)
+    device = pick_device(payload["device"])
+    tokens = json.loads(Path(payload["eval_tokens_path"]).read_text())
+
+    emit("loading")
+    started = time.perf_counter()
+    variant = load_variant(payload["runtime"], name=payload["name"], artifact_path=Path(payload["artifact_path"]),
+                           device=device, threads=threads, trust_remote_code=payload["trust_remote_code"])
+    load_s = time.perf_counter() - started
+    footprint = variant.footprint()
+
+    emit("latency")
+    latency_spec = payload["latency"]
+    latency = measure_latency(variant.generate, tokens[: latency_spec["prompt_tokens"]], latency_spec["new_tokens"],
+                              latency_spec["warmup"], latency_spec["repeats"])
+
+    emit("samples")
+    samples = [_sample(variant, prompt, payload["samples"]["new_tokens"]) for prompt in payload["samples"]["prompts"]]
+
+    # Peak memory of serving: load, generation and samples. The perplexity pass below holds
+    # full-vocabulary float64 buffers and writes the baseline's log-prob file: measuring overhead.
+    peak_rss, gpu_peak = peak_rss_bytes(), gpu_peak_bytes(device)
+
+    emit("perplexity and divergence")
+    quality = evaluate_quality(
+        variant.logits, tokens, payload["context"], payload["stride"],
+        write_reference=Path(payload["write_reference"]) if payload.get("write_reference") else None,
+        reference=Path(payload["reference"]) if payload.get("reference") else None,
+        on_window=lambda i, n: emit(f"perplexity window {i}/{n}"),
+    )
+
+    sparsity, layers = (sparsity_report(variant.weight_matrices()) if hasattr(variant, "weight_matrices") else (None, []))
+    metrics = {
+        "disk_bytes": footprint.disk_bytes,
+        "weight_bytes": footprint.weight_bytes,
+        "peak_rss_bytes": peak_rss,
+        "gpu_peak_bytes": gpu_peak,
+        "load_s": load_s,
+        **latency,
+        "sparsity": sparsity,
+        **{k: quality[k] for k in ("perplexity", "kld_mean", "kld_p99", "top1_agreement", "delta_p_mean")},
+    }
+    variant.close()
+    return {
+        "metrics": metrics,
+        "layers": layers,
+        "samples": samples,
+        "quality_detail": {k: quality[k] for k in ("nll_mean", "scored_tokens", "divergence_note")},
+        "runtime": {"name": payload["runtime"], "threads": torch.get_num_threads(), "device": device},
+    }
+
+
+def _sample(variant, prompt: str, new_tokens: int) -> dict:
+    ids = variant.chat_ids(prompt) if hasattr(variant, "chat_ids") else list(variant.tokenizer(prompt)["input_ids"])
+    eos = variant.eos_ids() if hasattr(variant, "eos_ids") else set()
+    output: list[int] = []
+    for token in variant.generate(ids, new_tokens):
+        if token in eos:
+            break
+        output.append(token)
+    return {"prompt": prompt, "output": variant.tokenizer.decode(output, skip_special_tokens=True)}
+
+
+def prepare_source(payload: dict, emit: Emit) -> dict:
+    """Resolve (and if needed convert) the model, then tokenize the eval text once into eval_tokens.json."""
+    from transformers import AutoTokenizer
+
+    from workbench.evaltext import eval_text, eval_token_ids
+    from workbench.runtimes.torch import pick_device
+    from workbench.sources import resolve_source
+
+    source = resolve_source(payload["model"], payload["trust_remote_code"], emit)
+    emit("tokenizing the eval text")
+    tokenizer = AutoTokenizer.from_pretrained(source.hf_dir, trust_remote_code=payload["trust_remote_code"])
+    text, description = eval_text(payload["eval"]["text"])
+    ids = eval_token_ids(tokenizer, text, payload["eval"]["max_tokens"], payload["eval"]["context"])
+    Path(payload["eval_tokens_path"]).write_text(json.dumps(ids))
+    return {"source": source.to_record(), "eval_text": description, "eval_tokens": len(ids),
+            "device": pick_device(payload["device"]), "tokenizer": type(tokenizer).__name__}

@@ -2,7 +2,9 @@
 
 Offline text is the English prose every Python ships in `pydoc_data.topics`, split by topic:
 - evaluation: the first EVAL_TOPICS topics in sorted key order, joined by blank lines;
-- calibration (for methods that need data): every later topic, so the two never share a paragraph.
+- calibration (for methods that need data): the later topics' paragraphs, leaving out any paragraph
+  the evaluation text holds too (several topics repeat paragraphs of others), so the two never
+  share a paragraph.
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ def pydoc_eval_text() -> str:
 
 
 def pydoc_calibration_text() -> str:
-    return "\n\n".join(_pydoc_topics()[EVAL_TOPICS:])
+    """Later topics' paragraphs, minus any paragraph the eval text also holds (some topics repeat others)."""
+    taken = {p.strip() for p in pydoc_eval_text().split("\n\n")}
+    paragraphs = [p.strip() for topic in _pydoc_topics()[EVAL_TOPICS:] for p in topic.split("\n\n")]
+    return "\n\n".join(p for p in paragraphs if p and p not in taken)
 
 
 def eval_text(spec: str) -> tuple[str, str]:

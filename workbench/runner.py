@@ -67,6 +67,7 @@ class Runner:
         self.on_event = on_event
         self.history = history
         self._cancel = threading.Event()
+        self.worker_pid: int | None = None  # the worker process in flight, for the UI and tests
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -78,6 +79,7 @@ class Runner:
         return run_in_worker(
             target, payload, self.out_dir / "logs" / f"{log_name}.log",
             on_event=lambda message: self._emit(variant, phase, message, index), cancel=self._cancel,
+            on_start=lambda pid: setattr(self, "worker_pid", pid),
         )
 
     def run(self) -> dict[str, Any]:
@@ -197,6 +199,7 @@ class Runner:
                 "stride": preset.eval.stride,
                 "scored": scored_label(preset.eval.context, preset.eval.stride),
                 "scored_tokens": scored_count(windows),
+                "baseline_divergence": "the baseline's KLD / top-1 / delta-p compare a second forward pass with its first",
                 "prompt_tokens": preset.latency.prompt_tokens,
                 "latency_prompt": "the first prompt_tokens eval token ids; greedy decoding, EOS ignored",
                 "new_tokens": preset.latency.new_tokens,

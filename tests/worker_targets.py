@@ -1,0 +1,34 @@
+"""Functions run inside worker processes by the tests (spawned processes import them by name)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from typing import Callable
+
+
+def allocate_and_report(payload: dict, emit: Callable[[str], None]) -> dict:
+    """Touch a known number of bytes inside a PeakMemory block and report what the tracker saw."""
+    import numpy as np
+
+    from workbench.metrics.memory import PeakMemory, peak_rss_bytes
+
+    with PeakMemory() as tracker:
+        block = np.ones(payload["bytes"], dtype=np.uint8)  # ones, so every page is really touched
+        emit(f"allocated {block.nbytes}")
+        del block
+    return {"added_bytes": tracker.added_bytes, "peak_rss_bytes": tracker.peak_rss_bytes,
+            "process_peak_rss_bytes": peak_rss_bytes()}
+
+
+def raise_error(payload: dict, emit: Callable[[str], None]) -> None:
+    raise ValueError("a specific problem\nwith a second line")
+
+
+def kill_self(payload: dict, emit: Callable[[str], None]) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def segfault(payload: dict, emit: Callable[[str], None]) -> None:
+    ctypes.string_at(0)  # reads address 0: SIGSEGV in native code

@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("run_id")
     export.add_argument("--csv", type=Path, help="write one row per variant to this CSV file")
     export.add_argument("--json", type=Path, help="write the whole run document to this JSON file")
+    export.add_argument("--markdown", type=Path, help="write the summary table and protocol as Markdown")
 
     try:
         args = parser.parse_args(argv)
@@ -55,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from workbench.report import format_table
+    from workbench.report import format_table, protocol_summary
     from workbench.runner import Runner
 
     bar = tqdm(total=len(preset.variants), unit="variant", dynamic_ncols=True)
@@ -81,6 +82,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result["model"].get("note"):
         print(f"note: {result['model']['note']}")
     print(format_table(result))
+    print(protocol_summary(result))
     print(f"run {result['run_id']}: results in {runner.out_dir / 'results.json'}")
     return 0 if result["status"] == "ok" else 1
 
@@ -112,11 +114,11 @@ def cmd_history(_args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from workbench.report import export_csv, export_json
+    from workbench.report import export_csv, export_json, markdown_table, protocol_summary
     from workbench.store import History
 
-    if not (args.csv or args.json):
-        raise WorkbenchError("export needs --csv FILE and/or --json FILE")
+    if not (args.csv or args.json or args.markdown):
+        raise WorkbenchError("export needs --csv FILE, --json FILE and/or --markdown FILE")
     run = History().load_run(args.run_id)
     if run is None:
         raise WorkbenchError(f"no run '{args.run_id}' in the history (see python -m workbench history)")
@@ -126,4 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         export_json(run, args.json)
         print(f"wrote {args.json}")
+    if args.markdown:
+        args.markdown.write_text(markdown_table(run) + "\n\n" + protocol_summary(run) + "\n")
+        print(f"wrote {args.markdown}")
     return 0

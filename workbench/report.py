@@ -64,3 +64,25 @@ def export_csv(run: dict[str, Any], path: Path) -> None:
 
 def export_json(run: dict[str, Any], path: Path) -> None:
     Path(path).write_text(json.dumps(run, indent=1))
+
+
+def protocol_summary(run: dict[str, Any]) -> str:
+    """One paragraph saying how every figure in the table was measured."""
+    env, protocol = run["environment"], run["protocol"]
+    return (
+        f"Measured on {env['cpu']} ({env['device']}, {env['threads']} threads), torch {env['torch']}, "
+        f"transformers {env['transformers']}, bitsandbytes {env['bitsandbytes']}. Perplexity/KLD: "
+        f"{protocol['scored_tokens']} scored tokens of {protocol['eval_tokens']} ({protocol['eval_text']}), "
+        f"context {protocol['context']}, stride {protocol['stride']}, scored '{protocol['scored']}'. "
+        f"Latency: {protocol['prompt_tokens']}-token prompt, {protocol['new_tokens']} greedy tokens, "
+        f"median of {protocol['repeats']} after {protocol['warmup']} warm-up. Peak RSS: {protocol['peak_rss']}."
+    )
+
+
+def markdown_table(run: dict[str, Any]) -> str:
+    table = summary_table(run).drop(columns="error")
+    header = "| " + " | ".join(table.columns) + " |"
+    rule = "|" + "|".join("---" for _ in table.columns) + "|"
+    rows = ["| " + " | ".join("—" if pd.isna(v) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row) + " |"
+            for row in table.itertuples(index=False)]
+    return "\n".join([header, rule, *rows])

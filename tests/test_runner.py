@@ -181,7 +181,7 @@ def test_corrupted_cache_entry_is_rebuilt_and_no_cache_rebuilds(write_preset, tm
     assert second["variants"][0]["status"] == "ok"
     assert any("rebuilding cache entry" in m and "model.safetensors" in m for m in messages)
     assert second["variants"][0]["metrics"]["perplexity"] == pytest.approx(first["variants"][0]["metrics"]["perplexity"])
-    assert first["variants"][0]["build"][0]["cached"] is False and second["variants"][0]["build"][0]["cached"] is False
+    assert second["variants"][0]["build"][0]["cached"] is False  # rebuilt, not reused
 
     cached = Runner(load_preset(path), out_dir=tmp_path / "c").run()
     assert cached["variants"][0]["build"][0]["cached"] is True
@@ -210,3 +210,25 @@ def test_eval_text_shorter_than_one_window_is_refused(write_preset, tmp_path, ca
                         eval={"text": str(short), "max_tokens": 256, "context": 128, "stride": 128})
     assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
     assert "fewer than one window (eval.context=128)" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_cli_cancels_and_keeps_what_was_measured(write_preset, tmp_path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    path = write_preset([{"name": "fp32", "method": "fp32"}, {"name": "bf16", "method": "bf16"},
+                         {"name": "fp16", "method": "fp16"}], name="interrupt")
+    out = tmp_path / "out"
+    cli = subprocess.Popen([sys.executable, "-m", "workbench", "run", str(path), "--out", str(out)],
+                           cwd=Path(__file__).parent.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (out / "results.json").exists() and time.monotonic() < deadline:  # the first variant is done
+        time.sleep(0.2)
+    cli.send_signal(signal.SIGINT)
+    _, err = cli.communicate(timeout=120)
+    assert cli.returncode == 1, err
+    run = json.loads((out / "results.json").read_text())
+    statuses = [v["status"] for v in run["variants"]]
+    assert statuses[0] == "ok" and statuses[-1] == "cancelled" and run["status"] == "cancelled"
+    assert [v["status"] for v in History().load_run(run["run_id"])["variants"]] == statuses

@@ -6,6 +6,7 @@ Exit codes of `run`: 0 every variant ok, 1 some variant failed or was cancelled,
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -70,14 +71,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 bar.write(f"{event.variant}: {event.phase}: {event.message}")
 
     runner = Runner(preset, out_dir=args.out, use_cache=not args.no_cache, on_event=show)
+    # Ctrl-C cancels: the worker in flight is stopped, the rest are recorded as cancelled and stored.
+    previous = signal.signal(signal.SIGINT, lambda *_: runner.cancel())
     try:
         result = runner.run()
-    except KeyboardInterrupt:
-        runner.cancel()
-        bar.close()
-        print("cancelled", file=sys.stderr)
-        return 1
     finally:
+        signal.signal(signal.SIGINT, previous)
         bar.close()
     if result["model"].get("note"):
         print(f"note: {result['model']['note']}")

@@ -91,6 +91,8 @@ def run_in_worker(
                     return WorkerOutcome(ok=True, result=value)
                 else:
                     process.join()
+                    if cancel is not None and cancel.is_set():  # e.g. Ctrl-C reached the worker too
+                        return WorkerOutcome(ok=False, error="cancelled", cancelled=True)
                     return WorkerOutcome(ok=False, error=value)
             elif not process.is_alive() and not receiver.poll(0):
                 process.join()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.metrics.quality import evaluate_quality, kld_stats, plan_windows, scored_count, scored_label
+from workbench.metrics.quality import evaluate_quality, kld_stats
+from workbench.metrics.windows import plan_windows, scored_count, scored_label
 from workbench.runtimes.base import DummyVariant
 
 

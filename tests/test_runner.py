@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from workbench.cli import main
-from workbench.metrics.quality import plan_windows
+from workbench.metrics.windows import plan_windows
 from workbench.presets import load_preset
 from workbench.runner import METRIC_NAMES, Runner
 from workbench.store import History

@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 from workbench.environment import environment
 from workbench.errors import WorkbenchError
-from workbench.metrics.quality import plan_windows, scored_count, scored_label
+from workbench.metrics.windows import plan_windows, scored_count, scored_label
 from workbench.paths import runs_dir
 from workbench.presets import Preset, VariantSpec
 from workbench.process import WorkerOutcome, run_in_worker

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Literal
+from typing import Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -46,3 +46,12 @@ class Method:
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         raise NotImplementedError
+
+
+def load_and_save(input_dir: Path, out_dir: Path, ctx: BuildContext, **load_kwargs: Any) -> None:
+    """Load `input_dir` the way `load_kwargs` say (dtype, quantization) and save model + tokenizer as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code, **load_kwargs)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code).save_pretrained(out_dir)

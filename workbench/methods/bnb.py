@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from workbench.errors import WorkbenchError
-from workbench.methods.base import BuildContext, Method, MethodOptions
+from workbench.methods.base import BuildContext, Method, MethodOptions, load_and_save
 
 
 class Int8Options(MethodOptions):
@@ -52,18 +52,10 @@ class _BnbMethod(Method):
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         require_bitsandbytes()
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         ctx.emit(f"quantizing with bitsandbytes ({self.name})")
-        model = AutoModelForCausalLM.from_pretrained(
-            input_dir,
-            quantization_config=self.quantization_config(options),
-            device_map={"": ctx.device},
-            trust_remote_code=ctx.trust_remote_code,
-        )
-        model.save_pretrained(out_dir)
-        AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code).save_pretrained(out_dir)
-
+        # The quantized model is saved as bnb stores it (packed weights + scales): the real checkpoint.
+        load_and_save(input_dir, out_dir, ctx, quantization_config=self.quantization_config(options),
+                      device_map={"": ctx.device})
 
 class BnbInt8(_BnbMethod):
     name = "bnb-int8"

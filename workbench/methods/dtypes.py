@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import ClassVar
 
-from workbench.methods.base import BuildContext, Method, MethodOptions, NoOptions
+from workbench.methods.base import BuildContext, Method, MethodOptions, NoOptions, load_and_save
 
 
 def stored_dtype(model_dir: Path) -> str | None:
@@ -25,14 +25,9 @@ class _DtypeMethod(Method):
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         ctx.emit(f"casting weights to {self.dtype}")
-        model = AutoModelForCausalLM.from_pretrained(
-            input_dir, dtype=getattr(torch, self.dtype), trust_remote_code=ctx.trust_remote_code
-        )
-        model.save_pretrained(out_dir)  # safetensors
-        AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code).save_pretrained(out_dir)
+        load_and_save(input_dir, out_dir, ctx, dtype=getattr(torch, self.dtype))
 
 
 class FP32(_DtypeMethod):

@@ -7,7 +7,7 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-LIBRARIES = ("torch", "transformers", "bitsandbytes", "accelerate", "safetensors", "gguf", "llama_cpp_python")
+LIBRARIES = ("torch", "transformers", "bitsandbytes", "accelerate", "safetensors", "gguf", "llama_cpp_python", "lm_eval")
 
 
 def library_versions() -> dict[str, str | None]:

@@ -57,6 +57,12 @@ class SamplesSpec(StrictModel):
     new_tokens: int = Field(48, gt=0, description="Greedy tokens per sample (stops early at EOS).")
 
 
+class LmEvalSpec(StrictModel):
+    tasks: list[str] = Field(min_length=1, description="lm-eval task names: local ones offline (pydoc_lastword), hub ones online.")
+    limit: int | None = Field(100, gt=0, description="Items per task (None: all).")
+    batch_size: int = Field(8, gt=0, description="Requests per forward pass.")
+
+
 class Stage(StrictModel):
     method: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -92,6 +98,7 @@ class Preset(StrictModel):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     latency: LatencySpec = Field(default_factory=LatencySpec)
     samples: SamplesSpec = Field(default_factory=SamplesSpec)
+    lm_eval: LmEvalSpec | None = Field(None, description="Downstream tasks through lm-eval-harness, per variant.")
     baseline: str
     variants: list[VariantSpec] = Field(min_length=1)
 
@@ -118,6 +125,7 @@ def parse_preset(data: Any, origin: str = "preset") -> Preset:
     except ValidationError as exc:
         raise PresetError(f"{origin}: " + "; ".join(_describe(e, Preset) for e in exc.errors())) from None
     check_methods(preset, origin)
+    check_lm_eval_tasks(preset, origin)
     return preset
 
 
@@ -154,6 +162,22 @@ def check_methods(preset: Preset, origin: str = "preset") -> None:
                 problems.append(f"variant '{variant.name}' ({stage.method}): {details}")
     if problems:
         raise PresetError(f"{origin}: " + "; ".join(problems))
+
+
+def check_lm_eval_tasks(preset: Preset, origin: str = "preset") -> None:
+    """Offline, only the local tasks can run: say which exist instead of failing every variant later."""
+    if preset.lm_eval is None:
+        return
+    from workbench.lmeval.tasks import local_task_configs
+    from workbench.sources import hub_reachable
+
+    local = sorted(local_task_configs())
+    remote = [t for t in preset.lm_eval.tasks if t not in local]
+    if remote and not hub_reachable():
+        raise PresetError(
+            f"{origin}: lm-eval task(s) {', '.join(remote)} are not available offline (no hub is reachable); "
+            f"offline tasks: {', '.join(local)}"
+        )
 
 
 def _describe(error: dict, model: type[BaseModel]) -> str:

@@ -33,6 +33,9 @@ def summary_table(run: dict[str, Any]) -> pd.DataFrame:
         for title, metric, scale in TABLE_COLUMNS:
             value = record["metrics"].get(metric)
             row[title] = None if value is None else value * scale
+        for metric, value in record["metrics"].items():  # downstream tasks, e.g. lm_eval.pydoc_lastword.acc
+            if metric.startswith("lm_eval.") and not metric.endswith("_stderr"):
+                row[metric.removeprefix("lm_eval.")] = value
         row["honesty"] = record.get("honesty")
         row["error"] = record.get("error") or ""
         rows.append(row)

@@ -149,6 +149,7 @@ class Runner:
             {**common, "name": spec.name, "runtime": built.result["runtime"], "artifact_path": built.result["artifact_path"],
              "eval_tokens_path": str(self.out_dir / "eval_tokens.json"), "context": preset.eval.context,
              "stride": preset.eval.stride, "latency": preset.latency.model_dump(), "samples": preset.samples.model_dump(),
+             "lm_eval": preset.lm_eval.model_dump() if preset.lm_eval else None,
              "write_reference": str(reference) if is_baseline else None,
              "reference": str(reference) if baseline_ok and not is_baseline else None},
             f"{spec.name}-measure", spec.name, "measuring", step,
@@ -210,6 +211,10 @@ class Runner:
                 "weight_bytes": "bytes of the loaded model's state_dict tensors, each storage counted once",
                 "sparsity": "exact zero fraction over Linear and Embedding weights (bnb 4-bit dequantized)",
                 "samples": f"greedy, chat template, up to {preset.samples.new_tokens} new tokens, stop at EOS",
+                "lm_eval": (
+                    {**preset.lm_eval.model_dump(), "harness": "lm-eval-harness, zero-shot, acc with bootstrap stderr"}
+                    if preset.lm_eval else None
+                ),
             },
             "status": "running",
             "out_dir": str(self.out_dir),

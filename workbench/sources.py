@@ -151,7 +151,7 @@ def _from_hub(repo_id: str, trust_remote_code: bool, emit: Callable[[str], None]
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except LocalEntryNotFoundError:
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
+        if not hub_reachable():
             raise SourceError(f"model {repo_id} is not in the local cache and no network is reachable") from None
         emit(f"downloading {repo_id} from the Hugging Face Hub")
         try:
@@ -166,7 +166,10 @@ def _from_hub(repo_id: str, trust_remote_code: bool, emit: Callable[[str], None]
     return ModelSource(repo_id, "hub", folder, "hf-commit:" + folder.name)
 
 
-def _hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE=1 or the hub's port cannot be opened within the timeout."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
     endpoint = os.environ.get("HF_ENDPOINT", f"https://{host}")
     hostname = re.sub(r"^https?://", "", endpoint).split("/")[0].split(":")[0]
     try:

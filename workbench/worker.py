@@ -111,6 +111,14 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
         reference = Path(payload["reference"]) if payload.get("reference") else None
         quality = evaluate_quality(variant.logits, tokens, context, stride, reference=reference, on_window=progress)
 
+    lm_eval_figures: dict = {}
+    if payload.get("lm_eval"):
+        from workbench.lmeval.harness import run_tasks
+
+        emit("lm-eval tasks")
+        spec = payload["lm_eval"]
+        lm_eval_figures = run_tasks(variant, spec["tasks"], spec["limit"], spec["batch_size"], device)
+
     sparsity, layers = (sparsity_report(variant.weight_matrices()) if hasattr(variant, "weight_matrices") else (None, []))
     metrics = {
         "disk_bytes": footprint.disk_bytes,
@@ -121,13 +129,15 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
         **latency,
         "sparsity": sparsity,
         **{k: quality[k] for k in ("perplexity", "kld_mean", "kld_p99", "top1_agreement", "delta_p_mean")},
+        **{k: v for k, v in lm_eval_figures.items() if k.startswith("lm_eval.")},
     }
     variant.close()
     return {
         "metrics": metrics,
         "layers": layers,
         "samples": samples,
-        "quality_detail": {k: quality[k] for k in ("nll_mean", "scored_tokens", "divergence_note")},
+        "quality_detail": {**{k: quality[k] for k in ("nll_mean", "scored_tokens", "divergence_note")},
+                           "lm_eval_error": lm_eval_figures.get("lm_eval_error")},
         "runtime": {"name": payload["runtime"], "threads": torch.get_num_threads(), "device": device},
     }
 

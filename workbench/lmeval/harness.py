@@ -1,0 +1,57 @@
+"""Run lm-eval tasks on an already loaded variant and return flat `lm_eval.<task>.<metric>` figures.
+
+Torch variants go through lm-eval's own HFLM given the loaded model object (no second load). A
+failure inside lm-eval (a task that needs a hub offline, an unsupported runtime) leaves only these
+metrics null, with the reason, never the variant.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def available_tasks() -> list[str]:
+    from workbench.lmeval.tasks import local_task_configs
+
+    return sorted(local_task_configs())
+
+
+def task_specs(names: list[str]) -> list[Any]:
+    """Local task configs for local names; other names pass through for lm-eval to resolve (hub tasks)."""
+    from workbench.lmeval.tasks import local_task_configs
+
+    local = local_task_configs()
+    return [local.get(name, name) for name in names]
+
+
+def lm_for(variant: Any, device: str, batch_size: int) -> Any:
+    if hasattr(variant, "model") and hasattr(variant.model, "config"):  # a transformers model object
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=variant.model, tokenizer=variant.tokenizer, device=device, batch_size=batch_size)
+    if hasattr(variant, "lm_eval_adapter"):
+        return variant.lm_eval_adapter()
+    raise RuntimeError(f"no lm-eval adapter for the {type(variant).__name__} runtime")
+
+
+def run_tasks(variant: Any, tasks: list[str], limit: int | None, batch_size: int, device: str) -> dict[str, Any]:
+    """{'lm_eval.<task>.<metric>': value, ...} plus `lm_eval_error` (None when all went well)."""
+    names = [f"lm_eval.{task}.{metric}" for task in tasks for metric in ("acc", "acc_stderr")]
+    try:
+        from lm_eval import simple_evaluate
+
+        os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
+        results = simple_evaluate(model=lm_for(variant, device, batch_size), tasks=task_specs(tasks), limit=limit,
+                                  log_samples=False, bootstrap_iters=1000, random_seed=0)
+    except Exception as exc:  # lm-eval's own failure: only its metrics become null
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return {**{name: None for name in names}, "lm_eval_error": f"{type(exc).__name__}: {message}"}
+    figures: dict[str, Any] = {"lm_eval_error": None}
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            if "," not in key or not isinstance(value, (int, float)):
+                continue
+            metric, _filter = key.split(",", 1)
+            figures[f"lm_eval.{task}.{metric}"] = float(value)
+    return figures

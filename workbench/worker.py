@@ -29,6 +29,12 @@ def _combined_honesty(labels: list[str]) -> str:
     return labels[-1]
 
 
+def _stage_report(folder: Path) -> dict | None:
+    """What a method chose to report about its build (e.g. distillation's loss curve), if anything."""
+    path = folder / "stage_report.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def build_artifact(payload: dict, emit: Emit) -> dict:
     """Apply the variant's stages in order, each cached under a key of everything that shaped it."""
     from workbench.runtimes.torch import pick_device
@@ -56,7 +62,8 @@ def build_artifact(payload: dict, emit: Emit) -> dict:
             material, use_cache=payload["use_cache"], emit=emit,
         )
         stages_done.append({"method": method.name, "artifact_path": str(folder), "cached": cached,
-                            "build_s": None if cached else time.perf_counter() - started})
+                            "build_s": None if cached else time.perf_counter() - started,
+                            "report": _stage_report(folder)})
         current = folder
     labels = [get_method(s["method"]).honesty for s in payload["stages"]]
     return {"artifact_path": str(current), "stages": stages_done, "honesty": _combined_honesty(labels),

@@ -19,6 +19,7 @@ _REGISTRY: dict[str, str] = {
     "bnb-int8": "workbench.methods.bnb:BnbInt8",
     "bnb-nf4": "workbench.methods.bnb:BnbNF4",
     "bnb-fp4": "workbench.methods.bnb:BnbFP4",
+    "distill": "workbench.methods.distill:Distill",
 }
 
 

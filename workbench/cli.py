@@ -57,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from workbench.report import format_table, protocol_summary
+    from workbench.report import format_table, protocol_summary, sensitivity_text
     from workbench.runner import Runner
 
     bar = tqdm(total=len(preset.variants), unit="variant", dynamic_ncols=True)
@@ -82,6 +82,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: {result['model']['note']}")
     print(format_table(result))
     print(protocol_summary(result))
+    if result.get("sensitivity"):
+        print(sensitivity_text(result["sensitivity"]))
     print(f"run {result['run_id']}: results in {runner.out_dir / 'results.json'}")
     return 0 if result["status"] == "ok" else 1
 

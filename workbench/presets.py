@@ -63,6 +63,12 @@ class LmEvalSpec(StrictModel):
     batch_size: int = Field(8, gt=0, description="Requests per forward pass.")
 
 
+class SensitivitySpec(StrictModel):
+    variant: str = Field(description="The compressed variant whose blocks are swapped in one at a time.")
+    max_tokens: int = Field(1024, gt=1, description="Eval tokens used per block (a prefix of the run's).")
+    keep: int = Field(2, ge=0, description="How many most sensitive blocks the suggested mixed-precision variant keeps.")
+
+
 class Stage(StrictModel):
     method: str
     options: dict[str, Any] = Field(default_factory=dict)
@@ -99,6 +105,7 @@ class Preset(StrictModel):
     latency: LatencySpec = Field(default_factory=LatencySpec)
     samples: SamplesSpec = Field(default_factory=SamplesSpec)
     lm_eval: LmEvalSpec | None = Field(None, description="Downstream tasks through lm-eval-harness, per variant.")
+    sensitivity: SensitivitySpec | None = Field(None, description="Per-block KLD of one variant's compression.")
     baseline: str
     variants: list[VariantSpec] = Field(min_length=1)
 
@@ -110,6 +117,8 @@ class Preset(StrictModel):
             raise ValueError(f"duplicate variant names: {', '.join(duplicates)} (each variant needs its own name)")
         if self.baseline not in names:
             raise ValueError(f"baseline '{self.baseline}' is not among the variants ({', '.join(names)})")
+        if self.sensitivity and self.sensitivity.variant not in names:
+            raise ValueError(f"sensitivity.variant '{self.sensitivity.variant}' is not among the variants ({', '.join(names)})")
         return self
 
     def variant(self, name: str) -> VariantSpec:

@@ -89,3 +89,18 @@ def markdown_table(run: dict[str, Any]) -> str:
     rows = ["| " + " | ".join("—" if pd.isna(v) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row) + " |"
             for row in table.itertuples(index=False)]
     return "\n".join([header, rule, *rows])
+
+
+def sensitivity_text(sensitivity: dict[str, Any]) -> str:
+    """The per-block table and, where the method allows it, the mixed-precision variant it suggests."""
+    if sensitivity.get("error"):
+        return f"sensitivity of {sensitivity['variant']}: not measured ({sensitivity['error']})"
+    table = pd.DataFrame(sensitivity["rows"])[["name", "kld_mean", "kld_p99", "top1_agreement", "perplexity"]]
+    lines = [f"per-block sensitivity of {sensitivity['variant']} ({sensitivity['protocol']}, "
+             f"{sensitivity['eval_tokens']} eval tokens):", table.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+    if sensitivity.get("mixed_precision_variant"):
+        import yaml
+
+        lines.append("mixed-precision variant keeping the most sensitive blocks (add it to the preset):")
+        lines.append(yaml.safe_dump([sensitivity["mixed_precision_variant"]], sort_keys=False, default_flow_style=None))
+    return "\n".join(lines)

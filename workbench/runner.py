@@ -12,6 +12,7 @@ flight and marks the rest `cancelled`.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
 import time
@@ -118,6 +119,8 @@ class Runner:
             self._write_results(run)
             self._emit(spec.name, record["status"], record["error"] or "done", step)
 
+        if preset.sensitivity and not self._cancel.is_set():
+            run["sensitivity"] = self._sensitivity(records, prep)
         reference.unlink(missing_ok=True)  # float32 log-probs of every scored token: large, and derivable
         statuses = {r["status"] for r in run["variants"]}
         run["status"] = "cancelled" if "cancelled" in statuses else ("ok" if statuses == {"ok"} else "failed")
@@ -165,6 +168,44 @@ class Runner:
         if not is_baseline and not baseline_ok:
             record["quality_detail"]["divergence_note"] = "the baseline failed, so KLD / top-1 / delta-p are null"
         return record
+
+    def _sensitivity(self, records: dict[int, dict], prep: dict) -> dict:
+        """Per-block KLD of the chosen variant, and the mixed-precision variant that table suggests."""
+        from workbench.methods.registry import get_method
+        from workbench.sensitivity import most_sensitive
+
+        spec = self.preset.sensitivity
+        assert spec is not None
+        by_name = {r["name"]: r for r in records.values()}
+        target, base = by_name[spec.variant], by_name[self.preset.baseline]
+        result: dict[str, Any] = {"variant": spec.variant, "method": target["method"], "unit": "decoder block",
+                                  "eval_tokens": spec.max_tokens, "rows": None, "error": None,
+                                  "protocol": "block i of the fp32 baseline replaced by the variant's block i, "
+                                              "weights dequantized to float; KLD against the baseline"}
+        if target["status"] != "ok" or base["status"] != "ok" or target.get("runtime", {}).get("name") != "torch":
+            result["error"] = "needs the baseline and a torch variant that both measured ok"
+            return result
+        self._emit(spec.variant, "measuring", "per-block sensitivity", -1)
+        outcome = self._worker(
+            "workbench.sensitivity:sensitivity_worker",
+            {"baseline_dir": base["artifact_path"], "variant_dir": target["artifact_path"], "threads": self.preset.threads,
+             "eval_tokens_path": str(self.out_dir / "eval_tokens.json"), "max_tokens": spec.max_tokens,
+             "context": self.preset.eval.context, "stride": self.preset.eval.stride},
+            f"{spec.variant}-sensitivity", spec.variant, "measuring", -1,
+        )
+        if not outcome.ok:
+            result["error"] = outcome.error
+            return result
+        result["rows"] = outcome.result
+        keep = most_sensitive(outcome.result, spec.keep)
+        result["most_sensitive"] = keep
+        stages = target["stages"]
+        if len(stages) == 1 and "skip_modules" in get_method(stages[0]["method"]).Options.model_fields:
+            # transformers reads skip patterns as regexes anchored at the module name; keep lm_head unquantized as before.
+            patterns = [re.escape(name) + r"\." for name in keep] + ["lm_head"]
+            result["mixed_precision_variant"] = {"name": f"{spec.variant}-keep{spec.keep}", "method": stages[0]["method"],
+                                                 "options": {**stages[0]["options"], "skip_modules": patterns}}
+        return result
 
     def _record(self, spec: VariantSpec, status: str, error: str | None, built: dict | None = None) -> dict:
         return {

@@ -117,3 +117,12 @@ def dense_weight(module: torch.nn.Module) -> torch.Tensor:
         return bnb_functional.dequantize_4bit(weight.data, quant_state)
     # bitsandbytes int8 keeps int8 values (zero means zero); float weights are used as they are.
     return weight.data
+
+
+def float_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The weight as float32 values, undoing bitsandbytes' int8 row scaling (W = q * SCB / 127)."""
+    weight = dense_weight(module)
+    scale = getattr(module.weight, "SCB", None)
+    if weight.dtype == torch.int8 and scale is not None:
+        return weight.float() * (scale.float()[:, None] / 127.0)
+    return weight.float()

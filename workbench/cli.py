@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("list-methods", help="methods with their options, defaults and help")
     commands.add_parser("history", help="runs stored in the history database")
 
+    bundle = commands.add_parser("bundle", help="pack a stored run into a reproducibility bundle (zip)")
+    bundle.add_argument("run_id")
+    bundle.add_argument("--out", type=Path, required=True, help="the .zip file to write")
+
+    reproduce = commands.add_parser("reproduce", help="rerun a bundle here and compare every figure")
+    reproduce.add_argument("bundle", type=Path)
+
     export = commands.add_parser("export", help="export a stored run")
     export.add_argument("run_id")
     export.add_argument("--csv", type=Path, help="write one row per variant to this CSV file")
@@ -38,9 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
         return int(exc.code or 0)
     try:
-        return {"run": cmd_run, "list-methods": cmd_list_methods, "history": cmd_history, "export": cmd_export}[
-            args.command
-        ](args)
+        return {"run": cmd_run, "list-methods": cmd_list_methods, "history": cmd_history, "export": cmd_export,
+                "bundle": cmd_bundle, "reproduce": cmd_reproduce}[args.command](args)
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -114,15 +120,49 @@ def cmd_history(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _stored_run(run_id: str) -> dict:
+    from workbench.store import History
+
+    run = History().load_run(run_id)
+    if run is None:
+        raise WorkbenchError(f"no run '{run_id}' in the history (see python -m workbench history)")
+    return run
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from workbench.bundle import write_bundle
+
+    run = _stored_run(args.run_id)
+    write_bundle(run, Path(run["out_dir"]), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from workbench.bundle import reproduce
+
+    if not args.bundle.is_file():
+        raise WorkbenchError(f"bundle {args.bundle} does not exist")
+    comparisons, notes = reproduce(args.bundle)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"{'variant':<14} {'metric':<16} {'original':>14} {'new':>14} {'tolerance':>10}  result")
+    for row in comparisons:
+        original = "—" if row.original is None else f"{row.original:.6g}"
+        new = "—" if row.new is None else f"{row.new:.6g}"
+        print(f"{row.variant:<14} {row.metric:<16} {original:>14} {new:>14} {row.tolerance:>10.0e}  "
+              f"{'ok' if row.ok else 'DIFFERS'}")
+    failed = [row for row in comparisons if not row.ok]
+    print(f"{len(comparisons) - len(failed)} of {len(comparisons)} figures within tolerance")
+    return 0 if not failed else 1
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from workbench.report import export_csv, export_json, markdown_table, protocol_summary
-    from workbench.store import History
 
     if not (args.csv or args.json or args.markdown):
         raise WorkbenchError("export needs --csv FILE, --json FILE and/or --markdown FILE")
-    run = History().load_run(args.run_id)
-    if run is None:
-        raise WorkbenchError(f"no run '{args.run_id}' in the history (see python -m workbench history)")
+    run = _stored_run(args.run_id)
     if args.csv:
         export_csv(run, args.csv)
         print(f"wrote {args.csv}")

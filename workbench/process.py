@@ -68,7 +68,9 @@ def run_in_worker(
     """Call `target(payload, emit)` ("module:function") in a spawned process and wait for it."""
     context = mp.get_context("spawn")  # a clean interpreter: no inherited threads, locks or CUDA state
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(target, payload, sender, str(log_path)), daemon=True)
+    # Not a daemon: a worker may need a helper process of its own (e.g. guarded llama.cpp tokenization);
+    # the `finally` below still kills it whenever the parent stops waiting.
+    process = context.Process(target=_child, args=(target, payload, sender, str(log_path)), daemon=False)
     process.start()
     sender.close()
     on_start(process.pid)

@@ -33,6 +33,8 @@ def summary_table(run: dict[str, Any]) -> pd.DataFrame:
         for title, metric, scale in TABLE_COLUMNS:
             value = record["metrics"].get(metric)
             row[title] = None if value is None else value * scale
+        if record.get("gguf"):  # the file's real mix, not its nominal type
+            row["bits/w"] = record["gguf"]["bits_per_weight"]
         for metric, value in record["metrics"].items():  # downstream tasks, e.g. lm_eval.pydoc_lastword.acc
             if metric.startswith("lm_eval.") and not metric.endswith("_stderr"):
                 row[metric.removeprefix("lm_eval.")] = value

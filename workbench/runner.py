@@ -141,6 +141,7 @@ class Runner:
             "workbench.worker:build_artifact",
             {**common, "name": spec.name, "stages": [s.model_dump() for s in spec.stages()],
              "source_dir": prep["source"]["hf_dir"], "source_fingerprint": prep["source"]["fingerprint"],
+             "source_gguf": prep["source"]["gguf_file"],
              "use_cache": self.use_cache},
             f"{spec.name}-build", spec.name, "building", step,
         )
@@ -165,6 +166,13 @@ class Runner:
         record["metrics"].update(result["metrics"])
         record.update(layers=result["layers"], samples=result["samples"], runtime=result["runtime"],
                       quality_detail=result["quality_detail"])
+        for key in ("engine_perf", "tokenizer_agreement"):  # runtime-specific details, when the runtime has them
+            if key in result:
+                record[key] = result[key]
+        gguf = next((stage["report"]["gguf"] for stage in reversed(built.result["stages"])
+                     if (stage.get("report") or {}).get("gguf")), None)
+        if gguf:
+            record["gguf"] = gguf
         if not is_baseline and not baseline_ok:
             record["quality_detail"]["divergence_note"] = "the baseline failed, so KLD / top-1 / delta-p are null"
         return record

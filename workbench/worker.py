@@ -43,7 +43,8 @@ def build_artifact(payload: dict, emit: Emit) -> dict:
 
     torch.set_num_threads(payload["threads"])
     device = pick_device(payload["device"])
-    ctx = BuildContext(device=device, threads=payload["threads"], trust_remote_code=payload["trust_remote_code"], emit=emit)
+    ctx = BuildContext(device=device, threads=payload["threads"], trust_remote_code=payload["trust_remote_code"],
+                       emit=emit, source_gguf=payload.get("source_gguf"))
     current = Path(payload["source_dir"])
     versions = library_versions()
     stages_done = []
@@ -86,17 +87,27 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
     device = pick_device(payload["device"])
     tokens = json.loads(Path(payload["eval_tokens_path"]).read_text())
 
+    latency_spec = payload["latency"]
+    # llama.cpp sizes its context up front: the longest sequence this protocol feeds it.
+    extra = {"n_ctx": max(payload["context"], latency_spec["prompt_tokens"] + latency_spec["new_tokens"],
+                          512 + payload["samples"]["new_tokens"])} if payload["runtime"] == "llamacpp" else {}
     emit("loading")
     started = time.perf_counter()
     variant = load_variant(payload["runtime"], name=payload["name"], artifact_path=Path(payload["artifact_path"]),
-                           device=device, threads=threads, trust_remote_code=payload["trust_remote_code"])
+                           device=device, threads=threads, trust_remote_code=payload["trust_remote_code"], **extra)
     load_s = time.perf_counter() - started
     footprint = variant.footprint()
 
+    details: dict = {}
     emit("latency")
-    latency_spec = payload["latency"]
+    if hasattr(variant, "reset_perf_counters"):
+        variant.reset_perf_counters()
     latency = measure_latency(variant.generate, tokens[: latency_spec["prompt_tokens"]], latency_spec["new_tokens"],
                               latency_spec["warmup"], latency_spec["repeats"])
+    if hasattr(variant, "perf_counters"):  # the engine's own clock, beside the wall-clock figures
+        counters = variant.perf_counters()
+        details["engine_perf"] = {**counters, "scope": "warm-up and timed latency runs",
+                                  "decode_tok_s": counters["eval_tokens"] / counters["eval_ms"] * 1000 if counters["eval_ms"] else None}
 
     emit("samples")
     samples = [_sample(variant, prompt, payload["samples"]["new_tokens"]) for prompt in payload["samples"]["prompts"]]
@@ -107,6 +118,13 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
 
     emit("perplexity and divergence")
     context, stride = payload["context"], payload["stride"]
+    reference_allowed = True
+    if hasattr(variant, "tokenizer_agreement"):
+        agreement = variant.tokenizer_agreement(tokens)
+        details["tokenizer_agreement"] = agreement
+        # Same vocabulary means same size and the file's tokenizer reproducing the ids; otherwise logits
+        # of "the same id" need not mean the same token, and KLD / top-1 would compare unlike things.
+        reference_allowed = agreement["vocab_matching_fraction"] == 1.0
     progress = lambda i, n: emit(f"perplexity window {i}/{n}")  # noqa: E731
     if payload.get("write_reference"):
         # The baseline writes the reference log-probs, then scores a second, independent forward pass
@@ -115,7 +133,7 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
         evaluate_quality(variant.logits, tokens, context, stride, write_reference=reference, on_window=progress)
         quality = evaluate_quality(variant.logits, tokens, context, stride, reference=reference, on_window=progress)
     else:
-        reference = Path(payload["reference"]) if payload.get("reference") else None
+        reference = Path(payload["reference"]) if payload.get("reference") and reference_allowed else None
         quality = evaluate_quality(variant.logits, tokens, context, stride, reference=reference, on_window=progress)
 
     lm_eval_figures: dict = {}
@@ -143,9 +161,14 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
         "metrics": metrics,
         "layers": layers,
         "samples": samples,
-        "quality_detail": {**{k: quality[k] for k in ("nll_mean", "scored_tokens", "divergence_note")},
+        "quality_detail": {**{k: quality[k] for k in ("nll_mean", "scored_tokens")},
+                           "divergence_note": quality["divergence_note"] or (
+                               None if reference_allowed else "the GGUF file's vocabulary differs from the source tokenizer's: "
+                               "KLD / top-1 / delta-p not computed"),
                            "lm_eval_error": lm_eval_figures.get("lm_eval_error")},
-        "runtime": {"name": payload["runtime"], "threads": torch.get_num_threads(), "device": device},
+        "runtime": {"name": payload["runtime"], "threads": threads if payload["runtime"] != "torch" else torch.get_num_threads(),
+                    "device": device},
+        **details,
     }
 
 

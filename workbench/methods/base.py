@@ -31,6 +31,7 @@ class BuildContext:
     threads: int
     trust_remote_code: bool
     emit: Callable[[str], None]  # progress messages for the UI / CLI
+    source_gguf: str | None = None  # the model's own GGUF file, when the source is one
 
 
 class Method:

@@ -20,6 +20,8 @@ _REGISTRY: dict[str, str] = {
     "bnb-nf4": "workbench.methods.bnb:BnbNF4",
     "bnb-fp4": "workbench.methods.bnb:BnbFP4",
     "distill": "workbench.methods.distill:Distill",
+    "gguf": "workbench.methods.gguf:GGUF",
+    "gguf-file": "workbench.methods.gguf:GGUFFile",
 }
 
 

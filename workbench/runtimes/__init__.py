@@ -11,4 +11,8 @@ def load_variant(runtime: str, **kwargs: Any):
         from workbench.runtimes.torch import TorchVariant
 
         return TorchVariant.load(**kwargs)
+    if runtime == "llamacpp":
+        from workbench.runtimes.llamacpp import LlamaCppVariant
+
+        return LlamaCppVariant.load(**kwargs)
     raise ValueError(f"unknown runtime '{runtime}'")

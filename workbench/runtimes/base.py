@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -54,3 +54,12 @@ class DummyVariant:
 
     def close(self) -> None:
         pass
+
+
+def chat_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The prompt as one user turn of the tokenizer's chat template (plain text when it has none)."""
+    if getattr(tokenizer, "chat_template", None):
+        encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True)
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+    return list(tokenizer(prompt)["input_ids"])

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from workbench.cache import folder_bytes
-from workbench.runtimes.base import Footprint
+from workbench.runtimes.base import Footprint, chat_token_ids
 
 
 def pick_device(requested: str) -> str:
@@ -82,13 +82,7 @@ class TorchVariant:
         return {int(i) for i in ids + [self.tokenizer.eos_token_id] if i is not None}
 
     def chat_ids(self, prompt: str) -> list[int]:
-        """The prompt as one user turn of the model's chat template (plain text when it has none)."""
-        if getattr(self.tokenizer, "chat_template", None):
-            encoded = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-            )
-            return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-        return list(self.tokenizer(prompt)["input_ids"])
+        return chat_token_ids(self.tokenizer, prompt)
 
     def close(self) -> None:
         self.model = None

@@ -76,10 +76,11 @@ class LlamaCppVariant:
         self._clear()
         token = self._next_token(ids, 0)
         n_past = len(ids)
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             yield token
-            token = self._next_token([token], n_past)
-            n_past += 1
+            if step + 1 < max_new_tokens:  # no decode after the last token: it would count in the timing
+                token = self._next_token([token], n_past)
+                n_past += 1
 
     def _next_token(self, ids: Sequence[int], n_past: int) -> int:
         """Decode `ids` and take the argmax of the last position's logits in place (no copy on the hot path)."""

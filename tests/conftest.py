@@ -71,3 +71,31 @@ def write_preset(tmp_path: Path, tiny_model_dir: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def bundled_source():
+    """The bundled SmolLM2, converted once per test session (about 30 s)."""
+    from workbench.sources import BUNDLED, resolve_source
+
+    return resolve_source(BUNDLED)
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_dir(tmp_path_factory: pytest.TempPathFactory, bundled_source) -> Path:
+    """A tiny random Llama with SmolLM2's real tokenizer, which llama.cpp's converter recognises."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny-smol")
+    tokenizer = AutoTokenizer.from_pretrained(bundled_source.hf_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # sharper than random init's near-uniform outputs, so differences are visible
+        model.model.embed_tokens.weight.mul_(20)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

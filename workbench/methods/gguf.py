@@ -66,6 +66,9 @@ def convert_to_gguf(input_dir: Path, outfile: Path, outtype: str) -> None:
     )
     if done.returncode != 0 or not outfile.is_file():
         output = done.stderr + done.stdout
+        if "pre-tokenizer was not recognized" in output:
+            raise WorkbenchError("the llama.cpp converter does not recognise this model's BPE pre-tokenizer "
+                                 "(it knows tokenizers by hash); convert it with a newer converter")
         if "not supported" in output or "NotImplementedError" in output:
             architectures = ", ".join(config.get("architectures") or [config.get("model_type", "?")])
             raise WorkbenchError(f"the llama.cpp converter does not support {architectures}")

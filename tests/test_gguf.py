@@ -1,0 +1,140 @@
+"""GGUF through llama.cpp: logits against torch, quantized round trips, tokenizer agreement, bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from workbench.errors import PresetError, WorkbenchError
+from workbench.methods.base import BuildContext
+from workbench.methods.gguf import GGUF, GGUFOptions
+from workbench.presets import load_preset, parse_preset
+from workbench.runner import Runner
+
+CTX = BuildContext(device="cpu", threads=2, trust_remote_code=False, emit=lambda _m: None)
+SHORT = {"eval": {"text": "pydoc", "max_tokens": 256, "context": 128, "stride": 128},
+         "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2},
+         "samples": {"prompts": ["Hello"], "new_tokens": 4}}
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_smol_dir):
+    """The tiny SmolLM2-tokenizer Llama as GGUF F16 and Q8_0, built by the real converter and quantizer."""
+    built = {}
+    for quant in ("F16", "Q8_0"):
+        out = tmp_path_factory.mktemp(f"gguf-{quant}")
+        GGUF().build(tiny_smol_dir, out, GGUFOptions(quant=quant), CTX)
+        built[quant] = out
+    return built
+
+
+def _ids(tiny_smol_dir) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_smol_dir)("The quick brown fox jumps over the lazy dog. " * 6)["input_ids"]
+
+
+def test_f16_logits_match_torch_fp32(tiny_gguf, tiny_smol_dir) -> None:
+    from workbench.runtimes.llamacpp import LlamaCppVariant
+    from workbench.runtimes.torch import TorchVariant
+
+    ids = _ids(tiny_smol_dir)
+    gguf = LlamaCppVariant.load("f16", tiny_gguf["F16"], "cpu", 2, n_ctx=256).logits(ids)
+    torch_logits = TorchVariant.load("fp32", tiny_smol_dir, "cpu", 2).logits(ids)
+    assert gguf.shape == torch_logits.shape == (len(ids), 49152)
+    # F16 weights round to 11 significant bits: logits (mean |x| about 2.5) move by < 0.05, argmax never.
+    assert np.abs(gguf - torch_logits).max() < 0.05
+    assert (gguf.argmax(-1) == torch_logits.argmax(-1)).all()
+
+
+def test_q8_0_round_trip_records_its_real_type_mix(tiny_gguf, tiny_smol_dir) -> None:
+    from workbench.runtimes.llamacpp import LlamaCppVariant
+
+    report = json.loads((tiny_gguf["Q8_0"] / "stage_report.json").read_text())
+    assert report["requested"] == "Q8_0" and report["gguf"]["tensor_types"].get("Q8_0", 0) > 0
+    assert 8 <= report["gguf"]["bits_per_weight"] < 16
+    variant = LlamaCppVariant.load("q8", tiny_gguf["Q8_0"], "cpu", 2, n_ctx=256)
+    ids = _ids(tiny_smol_dir)
+    tokens = list(variant.generate(ids[:10], 5))
+    assert len(tokens) == 5 and all(0 <= t < 49152 for t in tokens)
+    assert variant.footprint().weight_bytes == report["gguf"]["tensor_bytes"]
+    # Generation is greedy over the same logits the window path returns.
+    assert tokens[0] == int(variant.logits(ids[:10])[-1].argmax())
+
+
+def test_bundled_file_as_shipped_and_f16_next_to_fp32(write_preset, tmp_path) -> None:
+    path = tmp_path / "bundled.yaml"
+    path.write_text(json.dumps({"name": "gguf-bundled", "model": "bundled:smollm2-135m-instruct", "device": "cpu",
+                                "threads": 2, **SHORT, "baseline": "fp32",
+                                "variants": [{"name": "fp32", "method": "fp32"},
+                                             {"name": "f16", "method": "gguf", "options": {"quant": "F16"}},
+                                             {"name": "shipped", "method": "gguf-file"}]}))
+    run = Runner(load_preset(path), out_dir=tmp_path / "out").run()
+    records = {r["name"]: r for r in run["variants"]}
+    assert all(r["status"] == "ok" for r in records.values()), {n: r["error"] for n, r in records.items()}
+    fp32, f16, shipped = (records[n]["metrics"] for n in ("fp32", "f16", "shipped"))
+    assert f16["perplexity"] == pytest.approx(fp32["perplexity"], rel=5e-3) and f16["kld_mean"] < 1e-3
+    assert records["shipped"]["tokenizer_agreement"]["matching_fraction"] == 1.0
+    assert records["shipped"]["gguf"]["tensor_types"]["Q4_1"] > 0 and shipped["kld_mean"] is not None
+    assert shipped["disk_bytes"] < f16["disk_bytes"] < fp32["disk_bytes"]
+    assert records["f16"]["engine_perf"]["eval_tokens"] > 0 and records["f16"]["runtime"]["name"] == "llamacpp"
+
+
+def test_vocabulary_mismatch_is_reported_and_divergence_skipped(write_preset, tmp_path, bundled_source) -> None:
+    path = write_preset([{"name": "fp32", "method": "fp32"},
+                         {"name": "other", "method": "gguf-file", "options": {"path": str(bundled_source.gguf_file)}}],
+                        name="mismatch")
+    run = Runner(load_preset(path), out_dir=tmp_path / "out").run()
+    other = run["variants"][1]
+    assert other["status"] == "ok", other["error"]
+    assert other["tokenizer_agreement"]["vocab_matching_fraction"] < 1.0
+    assert other["metrics"]["kld_mean"] is None and other["metrics"]["top1_agreement"] is None
+    assert "differ" in other["quality_detail"]["divergence_note"]
+
+
+BAD_FILES = [
+    ("truncated", lambda src: src.read_bytes()[:4_000_000], "damaged GGUF file"),
+    ("not-gguf", lambda src: b"PK\x03\x04 this is a zip, not a model", "is not a GGUF file"),
+]
+
+
+@pytest.mark.parametrize("kind,content,message", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_gguf_file_fails_only_its_variant(kind, content, message, write_preset, tmp_path, bundled_source) -> None:
+    bad = tmp_path / f"{kind}.gguf"
+    bad.write_bytes(content(Path(bundled_source.gguf_file)))
+    path = write_preset([{"name": "fp32", "method": "fp32"},
+                         {"name": "bad", "method": "gguf-file", "options": {"path": str(bad)}}], name=kind)
+    run = Runner(load_preset(path), out_dir=tmp_path / "out").run()
+    assert run["variants"][0]["status"] == "ok"
+    assert run["variants"][1]["status"] == "failed" and message in run["variants"][1]["error"]
+
+
+def test_unknown_quant_type_lists_the_valid_ones() -> None:
+    data = {"name": "t", "model": "bundled:smollm2-135m-instruct", "baseline": "fp32",
+            "variants": [{"name": "fp32", "method": "fp32"}, {"name": "q", "method": "gguf", "options": {"quant": "Q4_K_X"}}]}
+    with pytest.raises(PresetError, match="quant: Input should be 'F32', 'F16', 'BF16', 'Q8_0'.*'Q4_K_M'.*got 'Q4_K_X'"):
+        parse_preset(data)
+
+
+def test_quant_type_needing_an_importance_matrix(tiny_smol_dir, tmp_path) -> None:
+    with pytest.raises(WorkbenchError, match="IQ2_XXS needs an importance matrix.*types that work without one: Q8_0"):
+        GGUF().build(tiny_smol_dir, tmp_path, GGUFOptions(quant="IQ2_XXS"), CTX)
+
+
+def test_architecture_the_converter_does_not_support(tiny_model_dir, tmp_path) -> None:
+    import shutil
+
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model_dir = tmp_path / "opt"
+    OPTForCausalLM(OPTConfig(vocab_size=512, hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
+                             word_embed_proj_dim=32, max_position_embeddings=128)).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, model_dir / name)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(WorkbenchError, match="the llama.cpp converter does not support OPTForCausalLM"):
+        GGUF().build(model_dir, out, GGUFOptions(quant="F16"), CTX)

@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from _common import prepared
+from transformers import AutoTokenizer
 
 
 class TimestampStreamer:
@@ -47,19 +46,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoTokenizer
 
-    from workbench.evaltext import eval_text, eval_token_ids
     from workbench.metrics.latency import time_one
-    from workbench.presets import load_preset
     from workbench.runtimes.torch import TorchVariant
-    from workbench.sources import resolve_source
 
-    preset = load_preset(args.preset)
-    source = resolve_source(preset.model)
-    variant = TorchVariant.load("fp32", source.hf_dir, "cpu", preset.threads)
+    preset, source, tokens = prepared(args.preset)
     tokenizer = AutoTokenizer.from_pretrained(source.hf_dir)
-    tokens = eval_token_ids(tokenizer, eval_text(preset.eval.text)[0], preset.eval.max_tokens, preset.eval.context)
+    variant = TorchVariant.load("fp32", source.hf_dir, "cpu", preset.threads)
     prompt = tokens[: preset.latency.prompt_tokens]
     n = args.new_tokens
     model = variant.model

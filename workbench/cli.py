@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--csv", type=Path, help="write one row per variant to this CSV file")
     export.add_argument("--json", type=Path, help="write the whole run document to this JSON file")
     export.add_argument("--markdown", type=Path, help="write the summary table and protocol as Markdown")
+    export.add_argument("--html", type=Path, help="write a standalone HTML report (charts embedded, opens offline)")
 
     try:
         args = parser.parse_args(argv)
@@ -158,10 +159,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from workbench.report import export_csv, export_json, markdown_table, protocol_summary
+    from workbench.report import export_csv, export_html, export_json, markdown_table, protocol_summary
 
-    if not (args.csv or args.json or args.markdown):
-        raise WorkbenchError("export needs --csv FILE, --json FILE and/or --markdown FILE")
+    if not (args.csv or args.json or args.markdown or args.html):
+        raise WorkbenchError("export needs --csv, --json, --markdown and/or --html FILE")
     run = _stored_run(args.run_id)
     if args.csv:
         export_csv(run, args.csv)
@@ -169,6 +170,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.json:
         export_json(run, args.json)
         print(f"wrote {args.json}")
+    if args.html:
+        export_html(run, args.html)
+        print(f"wrote {args.html}")
     if args.markdown:
         args.markdown.write_text(markdown_table(run) + "\n\n" + protocol_summary(run) + "\n")
         print(f"wrote {args.markdown}")

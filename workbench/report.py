@@ -106,3 +106,22 @@ def sensitivity_text(sensitivity: dict[str, Any]) -> str:
         lines.append("mixed-precision variant keeping the most sensitive blocks (add it to the preset):")
         lines.append(yaml.safe_dump([sensitivity["mixed_precision_variant"]], sort_keys=False, default_flow_style=None))
     return "\n".join(lines)
+
+
+def export_html(run: dict[str, Any], path: Path) -> None:
+    """A standalone report: table, protocol and every chart, with plotly.js embedded (opens offline)."""
+    import html
+
+    from workbench.plots import all_figures
+
+    figures = all_figures(run)
+    parts = [figure.to_html(full_html=False, include_plotlyjs=(index == 0)) for index, figure in enumerate(figures.values())]
+    note = f"<p><b>Note:</b> {html.escape(run['model']['note'])}</p>" if run["model"].get("note") else ""
+    document = (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>Squeeze Bench run {run['run_id']}</title></head>"
+        f"<body><h1>Squeeze Bench: {html.escape(run['preset']['name'])} on {html.escape(run['model']['source'])}</h1>"
+        f"<p>run {run['run_id']}, {run['created_at']}</p>{note}"
+        f"{summary_table(run).to_html(index=False, na_rep='—', float_format=lambda v: f'{v:.4g}')}"
+        f"<p>{html.escape(protocol_summary(run))}</p>{''.join(parts)}</body></html>"
+    )
+    Path(path).write_text(document, encoding="utf-8")

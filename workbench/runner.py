@@ -126,6 +126,9 @@ class Runner:
         run["status"] = "cancelled" if "cancelled" in statuses else ("ok" if statuses == {"ok"} else "failed")
         run["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self._write_results(run)
+        from workbench.report import export_html  # plotly loads only now, after the measuring is done
+
+        export_html(run, self.out_dir / "report.html")
         history.finish_run(run, run["status"])
         if self.history is None:
             history.close()

@@ -37,6 +37,17 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, name)
     );
     """,
+    """
+    CREATE TABLE votes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        created_at TEXT NOT NULL,
+        run_id TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        variant_a TEXT NOT NULL,
+        variant_b TEXT NOT NULL,
+        winner TEXT NOT NULL CHECK (winner IN ('a', 'b', 'tie'))
+    );
+    """,
 ]
 
 
@@ -102,6 +113,25 @@ class History:
     def delete_run(self, run_id: str) -> bool:
         with self.db:
             return self.db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,)).rowcount > 0
+
+    def add_vote(self, run_id: str, prompt: str, variant_a: str, variant_b: str, winner: str) -> None:
+        with self.db:
+            self.db.execute("INSERT INTO votes (created_at, run_id, prompt, variant_a, variant_b, winner) "
+                            "VALUES (?,?,?,?,?,?)", (_now(), run_id, prompt, variant_a, variant_b, winner))
+
+    def leaderboard(self) -> list[dict[str, Any]]:
+        """Wins, losses and ties per (run, variant) from blind votes, most wins first."""
+        rows = self.db.execute(
+            """
+            SELECT run_id, variant, SUM(result = 'win') AS wins, SUM(result = 'loss') AS losses, SUM(result = 'tie') AS ties
+            FROM (
+                SELECT run_id, variant_a AS variant, CASE winner WHEN 'a' THEN 'win' WHEN 'b' THEN 'loss' ELSE 'tie' END AS result FROM votes
+                UNION ALL
+                SELECT run_id, variant_b, CASE winner WHEN 'b' THEN 'win' WHEN 'a' THEN 'loss' ELSE 'tie' END FROM votes
+            ) GROUP BY run_id, variant ORDER BY wins DESC, losses ASC
+            """
+        )
+        return [dict(row) for row in rows]
 
     def close(self) -> None:
         self.db.close()

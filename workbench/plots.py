@@ -1,0 +1,120 @@
+"""Pure functions from a run document to plotly figures (no I/O, no UI state), shared by the UI and reports."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+MB = 1e6
+
+
+def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated when both coordinates are to be minimised (size, perplexity), by size."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    frontier, best = [], float("inf")
+    for index in order:
+        if points[index][1] < best:
+            frontier.append(index)
+            best = points[index][1]
+    return frontier
+
+
+def _ok(run: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in run["variants"] if r["status"] == "ok"]
+
+
+def _title(text: str, run: dict[str, Any]) -> str:
+    note = " (fp32 = Q4_1 GGUF dequantized)" if "dequantized" in (run["model"].get("note") or "") else ""
+    return f"{text}{note}"
+
+
+def size_vs_perplexity(run: dict[str, Any]):
+    import plotly.graph_objects as go
+
+    records = [r for r in _ok(run) if r["metrics"]["perplexity"] is not None and r["metrics"]["disk_bytes"]]
+    points = [(r["metrics"]["disk_bytes"] / MB, r["metrics"]["perplexity"]) for r in records]
+    frontier = pareto_frontier(points)
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers+text",
+                                text=[f"{r['name']} [{r['honesty']}]" for r in records], textposition="top center",
+                                name="variants", marker={"size": 10}))
+    figure.add_trace(go.Scatter(x=[points[i][0] for i in frontier], y=[points[i][1] for i in frontier],
+                                mode="lines", name="Pareto frontier", line={"dash": "dash"}))
+    figure.update_layout(title=_title("Size on disk vs perplexity", run), xaxis_title="disk MB", yaxis_title="perplexity")
+    return figure
+
+
+def memory(run: dict[str, Any]):
+    import plotly.graph_objects as go
+
+    records = _ok(run)
+    names = [r["name"] for r in records]
+    figure = go.Figure([
+        go.Bar(name="weights MB", x=names, y=[(r["metrics"]["weight_bytes"] or 0) / MB for r in records]),
+        go.Bar(name="peak process RSS MB", x=names, y=[(r["metrics"]["peak_rss_bytes"] or 0) / MB for r in records]),
+    ])
+    figure.update_layout(barmode="group", title=_title("Memory: weights vs peak process", run), yaxis_title="MB")
+    return figure
+
+
+def latency(run: dict[str, Any]):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    records = _ok(run)
+    names = [r["name"] for r in records]
+    m = [r["metrics"] for r in records]
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("time to first token (ms)", "decode tok/s"))
+    figure.add_trace(go.Bar(x=names, y=[x["ttft_s"] * 1000 for x in m], name="TTFT ms", error_y={
+        "type": "data", "symmetric": False, "array": [(x["ttft_s_max"] - x["ttft_s"]) * 1000 for x in m],
+        "arrayminus": [(x["ttft_s"] - x["ttft_s_min"]) * 1000 for x in m]}), row=1, col=1)
+    figure.add_trace(go.Bar(x=names, y=[x["decode_tok_s"] for x in m], name="decode tok/s", error_y={
+        "type": "data", "symmetric": False, "array": [x["decode_tok_s_max"] - x["decode_tok_s"] for x in m],
+        "arrayminus": [x["decode_tok_s"] - x["decode_tok_s_min"] for x in m]}), row=1, col=2)
+    figure.update_layout(title=_title("Latency (median, min-max bars)", run), showlegend=False)
+    return figure
+
+
+def sparsity_heatmap(run: dict[str, Any]):
+    import plotly.graph_objects as go
+
+    records = [r for r in _ok(run) if r["layers"]]
+    layer_names = list(dict.fromkeys(layer["name"] for r in records for layer in r["layers"]))
+    z = [[next((l["sparsity"] for l in r["layers"] if l["name"] == name), None) for name in layer_names] for r in records]
+    figure = go.Figure(go.Heatmap(z=z, x=layer_names, y=[r["name"] for r in records], colorscale="Viridis",
+                                  colorbar={"title": "zero fraction"}))
+    figure.update_layout(title=_title("Per-layer sparsity", run), xaxis={"showticklabels": False, "title": "layers"})
+    return figure
+
+
+def divergence(run: dict[str, Any]):
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    records = [r for r in _ok(run) if r["metrics"]["kld_mean"] is not None]
+    names = [r["name"] for r in records]
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("mean KLD vs baseline", "top-1 agreement"))
+    figure.add_trace(go.Bar(x=names, y=[r["metrics"]["kld_mean"] for r in records], name="KLD"), row=1, col=1)
+    figure.add_trace(go.Bar(x=names, y=[r["metrics"]["top1_agreement"] for r in records], name="top-1"), row=1, col=2)
+    figure.update_layout(title=_title(f"Divergence from {run['preset']['baseline']}", run), showlegend=False)
+    return figure
+
+
+def sensitivity(run: dict[str, Any]):
+    import plotly.graph_objects as go
+
+    rows = (run.get("sensitivity") or {}).get("rows") or []
+    figure = go.Figure(go.Bar(x=[r["name"] for r in rows], y=[r["kld_mean"] for r in rows]))
+    figure.update_layout(title=f"Per-block sensitivity of {(run.get('sensitivity') or {}).get('variant', '—')}",
+                         yaxis_title="KLD with only this block compressed")
+    return figure
+
+
+CHARTS = {"size_vs_perplexity": size_vs_perplexity, "memory": memory, "latency": latency,
+          "sparsity": sparsity_heatmap, "divergence": divergence}
+
+
+def all_figures(run: dict[str, Any]) -> dict[str, Any]:
+    figures = {name: build(run) for name, build in CHARTS.items()}
+    if (run.get("sensitivity") or {}).get("rows"):
+        figures["sensitivity"] = sensitivity(run)
+    return figures

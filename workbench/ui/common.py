@@ -1,0 +1,92 @@
+"""What the tabs share: shared-mode limits, allowed folders, and run-to-table/chart helpers."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+from workbench.sources import BUNDLED
+
+PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "presets"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Shared mode (WORKBENCH_SHARED=1, e.g. a public Space): no local paths, capped size and variant count."""
+
+    shared: bool
+    max_variants: int
+    max_model_params: float
+    allowed_dirs: tuple[Path, ...]
+
+
+def limits() -> Limits:
+    shared = os.environ.get("WORKBENCH_SHARED") == "1"
+    allowed = os.environ.get("WORKBENCH_ALLOWED_DIRS")
+    dirs = tuple(Path(p).expanduser().resolve() for p in allowed.split(os.pathsep)) if allowed else (Path.cwd().resolve(),)
+    return Limits(shared=shared, max_variants=int(os.environ.get("WORKBENCH_MAX_VARIANTS", "6" if shared else "16")),
+                  max_model_params=float(os.environ.get("WORKBENCH_MAX_PARAMS", "5e8" if shared else "1e11")),
+                  allowed_dirs=() if shared else dirs)
+
+
+def check_model_allowed(model: str, lim: Limits) -> None:
+    """Local paths only inside allowed folders, none at all in shared mode; say which folders are allowed."""
+    if model == BUNDLED or model.startswith("bundled:"):
+        return
+    path = Path(model).expanduser()
+    looks_local = path.exists() or model.startswith(("/", ".", "~")) or model.endswith(".gguf")
+    if not looks_local:
+        return  # a hub id
+    if lim.shared:
+        raise WorkbenchError("local paths are disabled in shared mode; use the bundled model or a hub id")
+    resolved = path.resolve()
+    if not any(resolved == d or d in resolved.parents for d in lim.allowed_dirs):
+        raise WorkbenchError(f"path {model} is outside the allowed folders ({', '.join(map(str, lim.allowed_dirs))}); "
+                             "set WORKBENCH_ALLOWED_DIRS to allow more")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def display_table(run: dict[str, Any], budget_gb: float | None = None):
+    """The summary table with readable units, plus whether each variant fits a memory budget."""
+    from workbench.report import summary_table
+
+    table = summary_table(run)
+    if budget_gb:
+        peaks = [r["metrics"].get("peak_rss_bytes") for r in run["variants"]]
+        table.insert(3, f"fits {budget_gb:g} GB", ["—" if p is None else ("yes" if p <= budget_gb * 1e9 else "NO (greyed)")
+                                                   for p in peaks])
+    return table.round(4)
+
+
+def figures(run: dict[str, Any] | None, budget_gb: float | None = None) -> list[Any]:
+    """The five comparison charts (empty ones before a run); variants over budget are greyed in the size chart."""
+    import plotly.graph_objects as go
+
+    from workbench.plots import CHARTS
+
+    if not run or not any(r["status"] == "ok" for r in run["variants"]):
+        return [go.Figure() for _ in CHARTS]
+    charts = [build(run) for build in CHARTS.values()]
+    if budget_gb:
+        over = {r["name"] for r in run["variants"] if (r["metrics"].get("peak_rss_bytes") or 0) > budget_gb * 1e9}
+        scatter = charts[0].data[0]
+        scatter.marker.color = ["lightgrey" if label.split(" [")[0] in over else "royalblue" for label in scatter.text]
+    return charts
+
+
+def run_note(run: dict[str, Any] | None) -> str:
+    if not run:
+        return ""
+    from workbench.report import protocol_summary
+
+    note = f"**Note:** {run['model']['note']}\n\n" if run["model"].get("note") else ""
+    failed = [f"- **{r['name']}** failed: {r['error']}" for r in run["variants"] if r["status"] != "ok"]
+    honesty = ", ".join(f"{r['name']}: *{r['honesty']}*" for r in run["variants"] if r.get("honesty"))
+    return (f"{note}Run `{run['run_id']}` ({run['status']}). Honesty: {honesty}.\n\n" + "\n".join(failed)
+            + f"\n\n<small>{protocol_summary(run)}</small>")

@@ -1,0 +1,182 @@
+"""Compare tab: pick a model and methods (forms generated from each method's typed options), run, see charts."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import typing
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+import yaml
+
+from workbench.errors import WorkbenchError
+from workbench.methods.registry import get_method, method_names
+from workbench.paths import workbench_home
+from workbench.sources import BUNDLED
+from workbench.ui.common import PRESETS_DIR, check_model_allowed, display_table, figures, limits, preset_names, run_note
+
+
+def _field_component(method: str, name: str, field: Any) -> gr.components.Component:
+    """One input per option, chosen from its type; help text from the field's description."""
+    annotation = field.annotation
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if len(args) == 1 else annotation
+    default = field.get_default(call_default_factory=True)
+    label = f"{method} · {name}"
+    if typing.get_origin(base) is typing.Literal:
+        return gr.Dropdown(choices=list(typing.get_args(base)), value=default, label=label, info=field.description)
+    if base is bool:
+        return gr.Checkbox(value=default, label=label, info=field.description)
+    if base in (int, float):
+        return gr.Number(value=default, label=label, info=field.description, precision=0 if base is int else None)
+    return gr.Textbox(value="" if default is None else yaml.safe_dump(default, default_flow_style=True).strip(),
+                      label=label, info=f"{field.description} (YAML)")
+
+
+def _option_value(field: Any, value: Any) -> Any:
+    if isinstance(value, str) and not (typing.get_origin(field.annotation) is typing.Literal):
+        return yaml.safe_load(value) if value.strip() else None
+    if isinstance(value, float) and field.annotation in (int, int | None) and value is not None:
+        return int(value)
+    return value
+
+
+def preset_from_form(model: str, methods: list[str], threads: float, fields: list[tuple[str, str, Any]], values: list) -> str:
+    """A preset YAML from the form: fp32 baseline plus one variant per checked method, options that differ from defaults."""
+    variants = [{"name": "fp32", "method": "fp32"}]
+    for method in methods:
+        if method == "fp32":
+            continue
+        options = {}
+        for (owner, name, field), value in zip(fields, values):
+            if owner == method:
+                value = _option_value(field, value)
+                if value != field.get_default(call_default_factory=True):
+                    options[name] = value
+        variants.append({"name": method, "method": method, **({"options": options} if options else {})})
+    data = {"name": "custom", "model": model.strip() or BUNDLED, "device": "auto", "threads": int(threads or 2),
+            "baseline": "fp32", "variants": variants}
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+
+def run_preset(yaml_text: str, budget_gb: float | None, session: dict):
+    """Validate, then run in a background thread, streaming per-variant progress; finish with table and charts."""
+    from workbench.presets import parse_preset
+    from workbench.runner import Runner
+
+    empty = [gr.skip()] * 7
+    try:
+        data = yaml.safe_load(yaml_text or "")
+        preset = parse_preset(data, "preset")
+        lim = limits()
+        check_model_allowed(preset.model, lim)
+        if len(preset.variants) > lim.max_variants:
+            raise WorkbenchError(f"{len(preset.variants)} variants; this app allows at most {lim.max_variants}")
+    except (WorkbenchError, yaml.YAMLError) as exc:
+        yield [f"**Cannot run:** {exc}", None] + empty
+        return
+    events: queue.Queue = queue.Queue()
+    runner = Runner(preset, on_event=events.put)
+    session["runner"] = runner
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["run"] = runner.run()
+        except WorkbenchError as exc:
+            outcome["error"] = str(exc)
+        except Exception as exc:  # never a stack trace in the page: one line, and the app stays up
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    progress = {v.name: ("queued", "") for v in preset.variants}
+    while thread.is_alive() or not events.empty():
+        try:
+            event = events.get(timeout=0.5)
+            if event.variant:
+                progress[event.variant] = (event.phase, event.message)
+            status = f"{event.phase}: {event.message}" if not event.variant else "running"
+        except queue.Empty:
+            status = "running"
+        table = pd.DataFrame([{"variant": k, "phase": p, "detail": m} for k, (p, m) in progress.items()])
+        yield [status, table] + empty
+    session.pop("runner", None)
+    if "error" in outcome:
+        yield [f"**Run failed:** {outcome['error']}", None] + empty
+        return
+    run = outcome["run"]
+    session.setdefault("run_ids", []).append(run["run_id"])
+    table = pd.DataFrame([{"variant": r["name"], "phase": r["status"], "detail": r["error"] or ""} for r in run["variants"]])
+    yield [run_note(run), table, display_table(run, budget_gb), *figures(run, budget_gb), run["run_id"]]
+
+
+def cancel_run(session: dict) -> str:
+    runner = session.get("runner")
+    if runner is None:
+        return "nothing is running"
+    runner.cancel()
+    return "cancelling: the variant in flight stops, the rest are recorded as cancelled"
+
+
+def build_compare(session: gr.State, current_run: gr.State) -> None:
+    lim = limits()
+    with gr.Row():
+        model = gr.Textbox(value=BUNDLED, label="Model", info="bundled:smollm2-135m-instruct, a hub id"
+                           + ("" if lim.shared else ", or a local folder / .gguf inside the allowed folders"))
+        threads = gr.Number(value=2, precision=0, label="Threads")
+        preset_pick = gr.Dropdown(choices=preset_names(), value="quickstart", label="Preset")
+    methods = gr.CheckboxGroup(choices=method_names(), value=["fp32", "bnb-nf4"], label="Methods")
+    fields: list[tuple[str, str, Any]] = []
+    inputs = []
+    with gr.Accordion("Method options (generated from each method's typed options)", open=False):
+        for name in method_names():
+            options = get_method(name).Options.model_fields
+            if not options:
+                continue
+            with gr.Accordion(f"{name}: {get_method(name).summary}", open=False):
+                for field_name, field in options.items():
+                    inputs.append(_field_component(name, field_name, field))
+                    fields.append((name, field_name, field))
+    from_form = gr.Button("Write preset from the form")
+    yaml_box = gr.Code(language="yaml", label="Preset (YAML): edit freely, this is what runs")
+    with gr.Row():
+        save_name = gr.Textbox(label="Save as", placeholder="my-preset", scale=3)
+        save = gr.Button("Save preset", scale=1)
+    with gr.Row():
+        run = gr.Button("Run", variant="primary")
+        cancel = gr.Button("Cancel")
+        budget = gr.Number(value=None, label="Fits in N GB (peak memory)", info="variants above it are greyed")
+    status = gr.Markdown()
+    progress = gr.Dataframe(label="Progress", interactive=False)
+    results = gr.Dataframe(label="Results (MB, ms, tok/s; — means not applicable)", interactive=False)
+    plots = [gr.Plot(label=label) for label in ("Size vs perplexity", "Memory", "Latency", "Sparsity", "Divergence")]
+
+    def load_preset_text(name: str) -> str:
+        path = PRESETS_DIR / f"{name}.yaml"
+        saved = workbench_home() / "presets" / f"{name}.yaml"
+        return (path if path.is_file() else saved).read_text() if (path.is_file() or saved.is_file()) else ""
+
+    def save_preset(name: str, text: str) -> str:
+        from workbench.presets import parse_preset
+
+        if not name or not name.replace("-", "").replace("_", "").isalnum():
+            return "**Cannot save:** give a name of letters, digits, '-' or '_'"
+        try:
+            parse_preset(yaml.safe_load(text), name)
+        except (WorkbenchError, yaml.YAMLError) as exc:
+            return f"**Cannot save:** {exc}"
+        folder = workbench_home() / "presets"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{name}.yaml").write_text(text)
+        return f"saved {folder / (name + '.yaml')}"
+
+    preset_pick.change(load_preset_text, preset_pick, yaml_box)
+    from_form.click(lambda m, ms, t, *v: preset_from_form(m, ms, t, fields, list(v)), [model, methods, threads, *inputs],
+                    yaml_box)
+    save.click(save_preset, [save_name, yaml_box], status)
+    run.click(run_preset, [yaml_box, budget, session], [status, progress, results, *plots, current_run],
+              api_name="run_preset")
+    cancel.click(cancel_run, session, status)

@@ -1,0 +1,90 @@
+"""History tab: stored runs, reopen one's charts, compare two, delete, export CSV / JSON / HTML."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from workbench.report import export_csv, export_html, export_json
+from workbench.store import History
+from workbench.ui.common import display_table, figures, run_note
+
+
+def visible_runs(session: dict) -> pd.DataFrame:
+    """All stored runs locally; in shared mode only this visitor's."""
+    from workbench.ui.common import limits
+
+    rows = History().runs()
+    if limits().shared:
+        mine = set(session.get("run_ids", []))
+        rows = [r for r in rows if r["run_id"] in mine]
+    return pd.DataFrame(rows, columns=["run_id", "created_at", "name", "model", "status", "variants", "ok"])
+
+
+def build_history(session: gr.State, current_run: gr.State) -> None:
+    refresh = gr.Button("Refresh")
+    runs = gr.Dataframe(label="Runs", interactive=False)
+    with gr.Row():
+        pick = gr.Dropdown(label="Run", choices=[], allow_custom_value=True)
+        other = gr.Dropdown(label="Compare with", choices=[], allow_custom_value=True)
+    with gr.Row():
+        open_run = gr.Button("Open", variant="primary")
+        compare = gr.Button("Compare the two")
+        confirm = gr.Checkbox(label="Yes, delete this run")
+        delete = gr.Button("Delete", variant="stop")
+        export = gr.Button("Export CSV, JSON, HTML")
+    note = gr.Markdown()
+    table = gr.Dataframe(interactive=False)
+    files = gr.File(label="Exports", file_count="multiple")
+    plots = [gr.Plot() for _ in range(5)]
+
+    def list_runs(session_value: dict):
+        frame = visible_runs(session_value)
+        ids = list(frame["run_id"])
+        return frame, gr.Dropdown(choices=ids, value=ids[0] if ids else None), gr.Dropdown(choices=ids, value=None)
+
+    def load(run_id: str, session_value: dict):
+        allowed = set(visible_runs(session_value)["run_id"])
+        run = History().load_run(run_id) if run_id in allowed else None
+        if run is None:
+            raise gr.Error(f"no run '{run_id}' here")
+        return run
+
+    def show(run_id: str, session_value: dict):
+        run = load(run_id, session_value)
+        return [run_note(run), display_table(run), *figures(run), run_id]
+
+    def compare_two(first: str, second: str, session_value: dict):
+        if not first or not second:
+            raise gr.Error("choose two runs")
+        frames = []
+        for run_id in (first, second):
+            frame = display_table(load(run_id, session_value))
+            frame.insert(0, "run", run_id)
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
+
+    def remove(run_id: str, sure: bool, session_value: dict):
+        if not sure:
+            return "tick 'Yes, delete this run' first; nothing was deleted"
+        load(run_id, session_value)
+        History().delete_run(run_id)
+        return f"deleted run {run_id} from the history (its folder on disk is kept)"
+
+    def export_files(run_id: str, session_value: dict):
+        run = load(run_id, session_value)
+        folder = Path(tempfile.mkdtemp(prefix="squeeze-export-"))
+        paths = [folder / f"{run_id}.csv", folder / f"{run_id}.json", folder / f"{run_id}.html"]
+        export_csv(run, paths[0])
+        export_json(run, paths[1])
+        export_html(run, paths[2])
+        return [str(p) for p in paths]
+
+    refresh.click(list_runs, session, [runs, pick, other])
+    open_run.click(show, [pick, session], [note, table, *plots, current_run])
+    compare.click(compare_two, [pick, other, session], table)
+    delete.click(remove, [pick, confirm, session], note).then(list_runs, session, [runs, pick, other])
+    export.click(export_files, [pick, session], files)

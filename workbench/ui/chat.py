@@ -57,11 +57,11 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def stream_answers(run_id: str, names: list[str], prompt: str, session: dict, labels: list[str] | None = None):
     """Yield the panel HTML for every variant until all answers are complete."""
+    if not prompt or not prompt.strip():
+        raise gr.Error("the prompt is empty")
     run = History().load_run(run_id) if run_id else None
     if run is None:
         raise gr.Error("choose a run first (History or Compare)")
-    if not prompt or not prompt.strip():
-        raise gr.Error("the prompt is empty")
     names = [n for n in names if n]
     if not 2 <= len(names) <= PANELS:
         raise gr.Error(f"choose 2 to {PANELS} variants (chosen: {len(names)})")

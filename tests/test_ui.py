@@ -1,0 +1,148 @@
+"""The browser workbench: the HTTP API with gradio_client, and a real Chromium driven by Playwright."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from workbench.errors import WorkbenchError
+
+ROOT = Path(__file__).parent.parent
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def tiny_yaml(model_dir: Path, name: str = "ui-tiny") -> str:
+    return f"""name: {name}
+model: {model_dir}
+device: cpu
+threads: 1
+eval: {{text: pydoc, max_tokens: 256, context: 128, stride: 128}}
+latency: {{prompt_tokens: 8, new_tokens: 3, warmup: 0, repeats: 1}}
+samples: {{prompts: [Hello], new_tokens: 3}}
+baseline: fp32
+variants:
+  - {{name: fp32, method: fp32}}
+  - {{name: bf16, method: bf16}}
+"""
+
+
+@pytest.fixture(scope="module")
+def app_url(tiny_model_dir, workbench_home):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "WORKBENCH_ALLOWED_DIRS": str(tiny_model_dir.parent), "HF_HUB_OFFLINE": "1"}
+    log = open(workbench_home / "app-test.log", "w")
+    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            time.sleep(0.5)
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_api_runs_a_preset_and_streams_chat(app_url, tiny_model_dir) -> None:
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    job = client.submit(tiny_yaml(tiny_model_dir), None, api_name="/run_preset")
+    updates = list(job)
+    status, progress, results = job.outputs()[-1][:3]
+    assert len(updates) >= 2 and "(ok)" in status
+    assert [row[0] for row in results["data"]] == ["fp32", "bf16"] and {row[2] for row in results["data"]} == {"ok"}
+    run_id = status.split("`")[1]
+
+    chat = client.submit(run_id, ["fp32", "bf16"], "What is a list?", api_name="/chat")
+    chunks = [out for out in chat]
+    final = chat.outputs()[-1]
+    assert len(chunks) >= 2  # streamed, not one final answer
+    assert "<h4>fp32</h4>" in final[0] and "tokens" in final[0] and "<h4>bf16</h4>" in final[1]
+
+
+def test_api_bad_input_is_an_inline_message(app_url, tmp_path) -> None:
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    client = Client(app_url, verbose=False)
+    assert "Cannot run" in client.predict("name: [unclosed", None, api_name="/run_preset")[0]
+    outside = tiny_yaml(Path("/etc"), "outside")
+    assert "outside the allowed folders" in client.predict(outside, None, api_name="/run_preset")[0]
+    with pytest.raises(AppError, match="the prompt is empty"):
+        client.predict("any-run", ["a", "b"], "  ", api_name="/chat")
+
+
+def test_shared_mode_hides_other_visitors_runs_and_local_paths(monkeypatch) -> None:
+    from workbench.store import History
+    from workbench.ui.common import check_model_allowed, limits
+    from workbench.ui.history import visible_runs
+
+    monkeypatch.setenv("WORKBENCH_SHARED", "1")
+    history = History()
+    for run_id in ("visitor-a-run", "visitor-b-run"):  # two visitors' runs in the one shared history file
+        history.start_run({"run_id": run_id, "created_at": "2026-11-24T00:00:00", "preset": {"name": run_id},
+                           "model": {"source": "bundled:smollm2-135m-instruct"}}, Path("/nonexistent"))
+    alice, bob = {"run_ids": ["visitor-a-run"]}, {"run_ids": ["visitor-b-run"]}
+    assert list(visible_runs(alice)["run_id"]) == ["visitor-a-run"]
+    assert list(visible_runs(bob)["run_id"]) == ["visitor-b-run"]
+    assert len(visible_runs({})) == 0  # a new visitor sees nothing of anyone's
+    with pytest.raises(WorkbenchError, match="local paths are disabled in shared mode"):
+        check_model_allowed("/tmp/model", limits())
+    check_model_allowed("bundled:smollm2-135m-instruct", limits())
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
+def test_browser_compare_chat_history(app_url, tiny_model_dir, tmp_path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS", tmp_path))
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(app_url)
+        page.get_by_label("Model").first.fill(str(tiny_model_dir))
+        page.get_by_role("button", name="Write preset from the form").click()
+        page.wait_for_function(f"document.querySelector('.cm-content')?.innerText.includes('{tiny_model_dir.name}')")
+        page.locator(".cm-content").click()  # replace the generated preset with a short protocol
+        page.keyboard.press("Control+A")
+        page.keyboard.insert_text(tiny_yaml(tiny_model_dir, "ui-browser"))
+        page.get_by_role("button", name="Run", exact=True).click()
+        page.locator(".js-plotly-plot:visible").first.wait_for(timeout=240_000)
+        assert page.locator(".js-plotly-plot:visible").count() == 5
+        page.screenshot(path=str(shots / "compare.png"), full_page=True)
+
+        page.get_by_role("tab", name="Chat").click()
+        page.get_by_role("button", name="Refresh runs").click()
+        page.wait_for_timeout(1500)
+        page.get_by_label("Prompt").fill("What is a Python list?")
+        page.get_by_role("button", name="Send to all").click()
+        page.wait_for_function("[...document.querySelectorAll('.chat-panel small')]"
+                               ".filter(e => e.innerText.includes('tokens')).length >= 2", timeout=120_000)
+        page.screenshot(path=str(shots / "chat.png"), full_page=True)
+
+        page.get_by_role("tab", name="History").click()
+        page.get_by_role("button", name="Refresh").click()
+        page.wait_for_timeout(1000)
+        page.get_by_role("button", name="Open", exact=True).click()
+        page.locator(".js-plotly-plot:visible").first.wait_for()
+        page.screenshot(path=str(shots / "history.png"), full_page=True)
+        browser.close()
+    assert errors == []

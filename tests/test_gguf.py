@@ -138,3 +138,26 @@ def test_architecture_the_converter_does_not_support(tiny_model_dir, tmp_path) -
     out.mkdir()
     with pytest.raises(WorkbenchError, match="the llama.cpp converter does not support OPTForCausalLM"):
         GGUF().build(model_dir, out, GGUFOptions(quant="F16"), CTX)
+
+
+def test_llamacpp_lm_eval_adapter_equals_the_variants_logits(tiny_gguf, tiny_smol_dir) -> None:
+    from lm_eval.api.instance import Instance
+
+    from workbench.runtimes.llamacpp import LlamaCppVariant
+
+    variant = LlamaCppVariant.load("f16", tiny_gguf["F16"], "cpu", 2, n_ctx=512)
+    adapter = variant.lm_eval_adapter()
+    context, continuation = "The quick brown fox", " jumps over the lazy dog."
+    request = Instance("loglikelihood", {}, (context, continuation), 0)
+    (total, greedy), = adapter.loglikelihood([request])
+    context_ids = variant.tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = variant.tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    logits = variant.logits(whole).astype(np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = sum(logp[i - 1, whole[i]] for i in range(len(context_ids), len(whole)))
+    assert total == pytest.approx(expected, abs=1e-4) and isinstance(greedy, bool)
+    rolling, = adapter.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (context + continuation,), 0)])
+    assert rolling == pytest.approx(sum(logp[i - 1, whole[i]] for i in range(1, len(whole))), abs=1e-4)
+    text, = adapter.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 4}), 0)])
+    assert isinstance(text, str)

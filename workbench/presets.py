@@ -169,8 +169,28 @@ def check_methods(preset: Preset, origin: str = "preset") -> None:
             except ValidationError as exc:
                 details = "; ".join(_describe(e, options_model) for e in exc.errors())
                 problems.append(f"variant '{variant.name}' ({stage.method}): {details}")
+        problems += _pipeline_problems(variant)
     if problems:
         raise PresetError(f"{origin}: " + "; ".join(problems))
+
+
+def _pipeline_problems(variant: VariantSpec) -> list[str]:
+    """Each stage must take what the stage before it produces (the source is a plain HF folder)."""
+    from workbench.methods.registry import get_method, method_names
+
+    stages = [s for s in variant.stages() if s.method in method_names()]
+    problems = []
+    for before, after in zip(stages, stages[1:]):
+        produced, method = get_method(before.method).produces, get_method(after.method)
+        if produced not in method.accepts:
+            takers = sorted(n for n in method_names() if produced in get_method(n).accepts)
+            problems.append(
+                f"variant '{variant.name}': stage '{after.method}' cannot take the output of '{before.method}' "
+                f"(a {produced} artifact; {after.method} takes {'/'.join(sorted(method.accepts))}). "
+                + (f"Methods that can follow {before.method}: {', '.join(takers)}" if takers
+                   else f"Nothing can follow {before.method}: put it last")
+            )
+    return problems
 
 
 def check_lm_eval_tasks(preset: Preset, origin: str = "preset") -> None:

@@ -46,6 +46,7 @@ def require_bitsandbytes() -> None:
 
 class _BnbMethod(Method):
     honesty = "real-kernel"
+    produces = "quantized"
 
     def quantization_config(self, options: Any) -> Any:
         raise NotImplementedError

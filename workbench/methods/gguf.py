@@ -95,6 +95,7 @@ class GGUF(Method):
     Options = GGUFOptions
     honesty = "real-kernel"
     runtime = "llamacpp"
+    produces = "gguf"
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         assert isinstance(options, GGUFOptions)
@@ -126,6 +127,7 @@ class GGUFFile(Method):
     Options = GGUFFileOptions
     honesty = "real-kernel"
     runtime = "llamacpp"
+    produces = "gguf"
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         assert isinstance(options, GGUFFileOptions)

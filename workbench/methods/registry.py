@@ -22,6 +22,16 @@ _REGISTRY: dict[str, str] = {
     "distill": "workbench.methods.distill:Distill",
     "gguf": "workbench.methods.gguf:GGUF",
     "gguf-file": "workbench.methods.gguf:GGUFFile",
+    # llm-compressor (one-shot, calibrated): GPTQ / AWQ weight quantization, SparseGPT / Wanda pruning
+    "gptq": "workbench.methods.llmcompressor:GPTQ",
+    "awq": "workbench.methods.llmcompressor:AWQ",
+    "sparsegpt": "workbench.methods.llmcompressor:SparseGPT",
+    "wanda": "workbench.methods.llmcompressor:Wanda",
+    # plain torch: pruning, weight sharing, factorisation
+    "magnitude": "workbench.methods.magnitude:Magnitude",
+    "structured": "workbench.methods.structured:Structured",
+    "kmeans": "workbench.methods.kmeans:KMeans",
+    "lowrank": "workbench.methods.lowrank:LowRank",
 }
 
 

@@ -150,6 +150,11 @@ class LlamaCppVariant:
     def chat_ids(self, prompt: str) -> list[int]:
         return chat_token_ids(self.tokenizer, prompt)
 
+    def lm_eval_adapter(self) -> Any:
+        from workbench.lmeval.adapter import VariantLM
+
+        return VariantLM(self, max_length=min(self.llm.n_ctx(), 2048))
+
     def close(self) -> None:
         self.llm.close()
 

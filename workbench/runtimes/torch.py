@@ -34,10 +34,16 @@ class TorchVariant:
     ) -> "TorchVariant":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from workbench.methods.base import custom_loader
+
         torch.set_num_threads(threads)
-        model = AutoModelForCausalLM.from_pretrained(
-            artifact_path, dtype="auto", device_map={"": device}, trust_remote_code=trust_remote_code
-        )
+        loader = custom_loader(artifact_path)
+        if loader is not None:  # low-rank factors, k-means codebooks: the method rebuilds its own modules
+            model = loader(Path(artifact_path), device, trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                artifact_path, dtype="auto", device_map={"": device}, trust_remote_code=trust_remote_code
+            )
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(artifact_path, trust_remote_code=trust_remote_code)
         return cls(name, model, tokenizer, Path(artifact_path), device)

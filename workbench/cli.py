@@ -34,6 +34,18 @@ def main(argv: list[str] | None = None) -> int:
     reproduce = commands.add_parser("reproduce", help="rerun a bundle here and compare every figure")
     reproduce.add_argument("bundle", type=Path)
 
+    plan = commands.add_parser("plan", help="estimate each variant's weight memory and time before anything loads")
+    plan.add_argument("preset", help="path to a preset YAML file")
+    plan.add_argument("--memory-budget-gb", type=float, help="flag variants whose estimated peak memory exceeds this "
+                                                             "(default: the preset's memory_budget_gb)")
+    plan.add_argument("--recalibrate", action="store_true", help="measure this machine's bandwidth and matmul speed again")
+    plan.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped with the weights")
+
+    selfcheck = commands.add_parser("selfcheck", help="recompute reference figures by independent code paths")
+    selfcheck.add_argument("--tokens", type=int, default=1024, help="eval tokens scored (a prefix of the pydoc text)")
+    selfcheck.add_argument("--full", action="store_true",
+                           help="also run the gpt2-large WikiText-2 check on a CPU (hours; it runs on a GPU anyway)")
+
     export = commands.add_parser("export", help="export a stored run")
     export.add_argument("run_id")
     export.add_argument("--csv", type=Path, help="write one row per variant to this CSV file")
@@ -47,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return {"run": cmd_run, "list-methods": cmd_list_methods, "history": cmd_history, "export": cmd_export,
-                "bundle": cmd_bundle, "reproduce": cmd_reproduce}[args.command](args)
+                "bundle": cmd_bundle, "plan": cmd_plan, "selfcheck": cmd_selfcheck,
+                "reproduce": cmd_reproduce}[args.command](args)
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -89,10 +102,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: {result['model']['note']}")
     print(format_table(result))
     print(protocol_summary(result))
+    from workbench.planner import estimate_vs_actual
+    from workbench.roofline import roofline_text
+
+    for text in (roofline_text(result), estimate_vs_actual(result)):
+        if text:
+            print(text)
     if result.get("sensitivity"):
         print(sensitivity_text(result["sensitivity"]))
     print(f"run {result['run_id']}: results in {runner.out_dir / 'results.json'}")
     return 0 if result["status"] == "ok" else 1
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from workbench.planner import plan_preset_file, plan_text
+    from workbench.presets import load_preset
+
+    preset = load_preset(args.preset)
+    if args.trust_remote_code:
+        preset = preset.model_copy(update={"trust_remote_code": True})
+    plans, context = plan_preset_file(preset, recalibrate=args.recalibrate, emit=lambda m: print(m, file=sys.stderr))
+    budget = args.memory_budget_gb or preset.memory_budget_gb
+    print(plan_text(preset, plans, context, budget))
+    return 0
+
+
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    from workbench.selfcheck import run_selfcheck
+
+    checks = run_selfcheck(tokens=args.tokens, full=args.full, emit=lambda m: print(m, file=sys.stderr))
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if c.status == "FAIL"]
+    print(f"{sum(c.status == 'pass' for c in checks)} passed, {len(failed)} failed, "
+          f"{sum(c.status == 'skipped' for c in checks)} skipped")
+    return 1 if failed else 0
 
 
 def cmd_list_methods(_args: argparse.Namespace) -> int:

@@ -70,6 +70,13 @@ def latency(run: dict[str, Any]):
     figure.add_trace(go.Bar(x=names, y=[x["decode_tok_s"] for x in m], name="decode tok/s", error_y={
         "type": "data", "symmetric": False, "array": [x["decode_tok_s_max"] - x["decode_tok_s"] for x in m],
         "arrayminus": [x["decode_tok_s"] - x["decode_tok_s_min"] for x in m]}), row=1, col=2)
+    roof = [(r["name"], r["roofline"]) for r in records if (r.get("roofline") or {}).get("decode_tok_s_limit")]
+    if roof:  # the memory-bandwidth limit of each variant's decode speed (roofline.py)
+        figure.add_trace(go.Scatter(
+            x=[n for n, _ in roof], y=[x["decode_tok_s_limit"] for _, x in roof], mode="markers+text",
+            name="bandwidth limit", marker={"symbol": "line-ew-open", "size": 28, "line": {"width": 3}},
+            text=[f"limit {x['decode_tok_s_limit']:.0f}" + (f" ({x['fraction']:.0%})" if x["fraction"] else "")
+                  for _, x in roof], textposition="top center"), row=1, col=2)
     figure.update_layout(title=_title("Latency (median, min-max bars)", run), showlegend=False)
     return figure
 

@@ -106,6 +106,8 @@ class Preset(StrictModel):
     samples: SamplesSpec = Field(default_factory=SamplesSpec)
     lm_eval: LmEvalSpec | None = Field(None, description="Downstream tasks through lm-eval-harness, per variant.")
     sensitivity: SensitivitySpec | None = Field(None, description="Per-block KLD of one variant's compression.")
+    memory_budget_gb: float | None = Field(None, gt=0, description="Warn (plan and run) about variants whose "
+                                                                   "estimated peak memory exceeds this many GB.")
     baseline: str
     variants: list[VariantSpec] = Field(min_length=1)
 

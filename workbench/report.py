@@ -35,6 +35,9 @@ def summary_table(run: dict[str, Any]) -> pd.DataFrame:
             row[title] = None if value is None else value * scale
         if record.get("gguf"):  # the file's real mix, not its nominal type
             row["bits/w"] = record["gguf"]["bits_per_weight"]
+        if record.get("roofline"):  # decode speed against this machine's memory-bandwidth limit (roofline.py)
+            row["decode limit tok/s"] = record["roofline"]["decode_tok_s_limit"]
+            row["of limit"] = record["roofline"]["fraction"]
         for metric, value in record["metrics"].items():  # downstream tasks, e.g. lm_eval.pydoc_lastword.acc
             if metric.startswith("lm_eval.") and not metric.endswith("_stderr"):
                 row[metric.removeprefix("lm_eval.")] = value
@@ -59,6 +62,10 @@ def flat_records(run: dict[str, Any]) -> pd.DataFrame:
                "method": record["method"], "status": record["status"], "error": record.get("error"),
                "honesty": record.get("honesty"), "options": json.dumps(record.get("options", {}))}
         row.update(record["metrics"])
+        for group in ("estimate", "roofline"):  # planner estimate and decode roofline, beside the metrics
+            for key, value in (record.get(group) or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    row[f"{group}.{key}"] = value
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -69,6 +69,7 @@ class Runner:
         self.history = history
         self._cancel = threading.Event()
         self.worker_pid: int | None = None  # the worker process in flight, for the UI and tests
+        self.machine_profile: dict | None = None  # bandwidth / matmul speed of this machine (roofline.py)
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -98,6 +99,7 @@ class Runner:
             raise WorkbenchError(prepared.error or "preparing the model failed")
         prep = prepared.result
         run = self._run_document(prep)
+        estimates = self._plan(prep, run)
         history = self.history or History()
         history.start_run(run, self.out_dir)
 
@@ -113,6 +115,7 @@ class Runner:
             else:
                 record = self._build_and_measure(spec, step, prep, is_baseline, reference, baseline_ok)
                 baseline_ok = baseline_ok or (is_baseline and record["status"] == "ok")
+            record["estimate"] = estimates.get(spec.name)  # made before anything was built (planner.py)
             records[position] = record
             history.save_variant(self.run_id, position, record)
             run["variants"] = [records[i] for i in sorted(records)]
@@ -140,6 +143,7 @@ class Runner:
         preset = self.preset
         common = {"threads": preset.threads, "device": preset.device, "trust_remote_code": preset.trust_remote_code}
         self._emit(spec.name, "building", "building the artifact", step)
+        started = time.perf_counter()
         built = self._worker(
             "workbench.worker:build_artifact",
             {**common, "name": spec.name, "stages": [s.model_dump() for s in spec.stages()],
@@ -151,6 +155,7 @@ class Runner:
         if not built.ok:
             return self._record(spec, "cancelled" if built.cancelled else "failed", f"build: {built.error}")
         self._emit(spec.name, "measuring", "measuring", step)
+        build_wall_s, started = time.perf_counter() - started, time.perf_counter()
         measured = self._worker(
             "workbench.worker:measure_variant",
             {**common, "name": spec.name, "runtime": built.result["runtime"], "artifact_path": built.result["artifact_path"],
@@ -162,6 +167,8 @@ class Runner:
             f"{spec.name}-measure", spec.name, "measuring", step,
         )
         record = self._record(spec, "ok", None, built.result)
+        record["timing"] = {"build_s": build_wall_s, "build_cached": all(s["cached"] for s in built.result["stages"]),
+                            "measure_s": time.perf_counter() - started}
         if not measured.ok:
             record.update(status="cancelled" if measured.cancelled else "failed", error=f"measure: {measured.error}")
             return record
@@ -176,9 +183,32 @@ class Runner:
                      if (stage.get("report") or {}).get("gguf")), None)
         if gguf:
             record["gguf"] = gguf
+        if result["runtime"]["device"] == "cpu":  # the bandwidth is this CPU's: no roofline for GPU runs
+            from workbench.roofline import roofline
+
+            bandwidth = (self.machine_profile or {}).get("bandwidth", {}).get("bandwidth_bytes_s")
+            record["roofline"] = roofline(bandwidth, record["metrics"]["weight_bytes"], result.get("weights_read"),
+                                          record["metrics"]["decode_tok_s"])
         if not is_baseline and not baseline_ok:
             record["quality_detail"]["divergence_note"] = "the baseline failed, so KLD / top-1 / delta-p are null"
         return record
+
+    def _plan(self, prep: dict, run: dict) -> dict[str, dict]:
+        """Estimates of every variant from the model config and this machine's profile, before anything is built."""
+        from workbench.planner import over_budget, plan_for_run
+        from workbench.roofline import machine_profile
+
+        self.machine_profile = machine_profile(self.preset.threads, emit=lambda m: self._emit(None, "preparing", m),
+                                               log_dir=self.out_dir / "logs")
+        run["machine_profile"] = self.machine_profile
+        try:
+            plans = plan_for_run(self.preset, prep, self.machine_profile, self.use_cache)
+        except Exception as exc:  # an estimate must never stop a run: say why there is none
+            self._emit(None, "preparing", f"no estimates: {exc}")
+            return {}
+        for warning in over_budget(plans, self.preset.memory_budget_gb):
+            self._emit(None, "preparing", f"warning: {warning}")
+        return {p.name: p.record() for p in plans}
 
     def _sensitivity(self, records: dict[int, dict], prep: dict) -> dict:
         """Per-block KLD of the chosen variant, and the mixed-precision variant that table suggests."""

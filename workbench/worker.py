@@ -35,6 +35,12 @@ def _stage_report(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def stage_material(source_fingerprint: str, stages: list[dict], index: int, versions: dict, device: str) -> dict:
+    """Everything that shapes stage `index`'s artifact; its hash names the cache folder (the planner checks it too)."""
+    return {"source": source_fingerprint, "stages": stages[: index + 1], "versions": versions,
+            "format": ARTIFACT_FORMAT, "device": device}
+
+
 def build_artifact(payload: dict, emit: Emit) -> dict:
     """Apply the variant's stages in order, each cached under a key of everything that shaped it."""
     from workbench.runtimes.torch import pick_device
@@ -54,8 +60,7 @@ def build_artifact(payload: dict, emit: Emit) -> dict:
         if method.reuses_input(current, options):
             stages_done.append({"method": method.name, "artifact_path": str(current), "cached": True, "build_s": 0.0})
             continue
-        material = {"source": payload["source_fingerprint"], "stages": payload["stages"][: index + 1],
-                    "versions": versions, "format": ARTIFACT_FORMAT, "device": device}
+        material = stage_material(payload["source_fingerprint"], payload["stages"], index, versions, device)
         started = time.perf_counter()
         folder, cached = cached_folder(
             artifacts_dir(), key_hash(material),
@@ -156,8 +161,12 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
         **{k: quality[k] for k in ("perplexity", "kld_mean", "kld_p99", "top1_agreement", "delta_p_mean")},
         **{k: v for k, v in lm_eval_figures.items() if k.startswith("lm_eval.")},
     }
+    from workbench.roofline import weights_read
+
+    read = weights_read(variant)  # what one decoded token reads, for the roofline
     variant.close()
     return {
+        "weights_read": read,
         "metrics": metrics,
         "layers": layers,
         "samples": samples,

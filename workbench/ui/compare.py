@@ -113,6 +113,20 @@ def run_preset(yaml_text: str, budget_gb: float | None, session: dict):
     yield [run_note(run), table, display_table(run, budget_gb), *figures(run, budget_gb), run["run_id"]]
 
 
+def plan_preset_markdown(yaml_text: str, budget_gb: float | None) -> str:
+    """Estimated weights, peak memory and time of every variant, from the model config alone (planner.py)."""
+    from workbench.planner import plan_markdown, plan_preset_file
+    from workbench.presets import parse_preset
+
+    try:
+        preset = parse_preset(yaml.safe_load(yaml_text or ""), "preset")
+        check_model_allowed(preset.model, limits())
+        plans, context = plan_preset_file(preset, emit=lambda _m: None)
+    except (WorkbenchError, yaml.YAMLError) as exc:
+        return f"**Cannot plan:** {exc}"
+    return plan_markdown(preset, plans, context, budget_gb or preset.memory_budget_gb)
+
+
 def cancel_run(session: dict) -> str:
     runner = session.get("runner")
     if runner is None:
@@ -150,6 +164,9 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
         cancel = gr.Button("Cancel")
         budget = gr.Number(value=None, label="Fits in N GB (peak memory)", info="variants above it are greyed")
     status = gr.Markdown()
+    with gr.Accordion("Plan: estimated weights, peak memory and time, before anything loads", open=False):
+        plan_button = gr.Button("Plan this preset")
+        plan_box = gr.Markdown()
     progress = gr.Dataframe(label="Progress", interactive=False)
     results = gr.Dataframe(label="Results (MB, ms, tok/s; — means not applicable)", interactive=False)
     plots = [gr.Plot(label=label) for label in ("Size vs perplexity", "Memory", "Latency", "Sparsity", "Divergence")]
@@ -180,3 +197,4 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
     run.click(run_preset, [yaml_box, budget, session], [status, progress, results, *plots, current_run],
               api_name="run_preset")
     cancel.click(cancel_run, session, status)
+    plan_button.click(plan_preset_markdown, [yaml_box, budget], plan_box)

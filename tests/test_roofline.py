@@ -1,0 +1,76 @@
+"""Roofline: the bandwidth arithmetic against a known size and time, bytes read per token, the views."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+
+from workbench.roofline import bytes_per_token, measure_bandwidth, roofline, weights_read
+
+MIB = 1 << 20
+
+
+def test_bandwidth_is_bytes_moved_over_the_best_time() -> None:
+    """A fake clock makes every copy and every sum take exactly 0.25 s: the figures follow from the size alone."""
+    ticks = itertools.count(0.0, 0.25)
+    result = measure_bandwidth(threads=1, buffer_bytes=4 * MIB, repeats=3, clock=lambda: next(ticks))
+    assert result["buffer_bytes"] == 4 * MIB and result["bytes_moved"] == 8 * MIB  # read + write
+    assert result["copy_best_s"] == pytest.approx(0.25) and result["read_best_s"] == pytest.approx(0.25)
+    assert result["copy_bytes_s"] == pytest.approx(8 * MIB / 0.25)
+    assert result["read_bytes_s"] == pytest.approx(4 * MIB / 0.25)
+    assert result["bandwidth_bytes_s"] == max(result["copy_bytes_s"], result["read_bytes_s"])
+
+
+def test_real_bandwidth_measurement_is_consistent() -> None:
+    result = measure_bandwidth(threads=1, buffer_bytes=16 * MIB, repeats=2)
+    assert result["threads"] == 1 and result["bytes_moved"] == 32 * MIB
+    assert result["copy_bytes_s"] == pytest.approx(result["bytes_moved"] / result["copy_best_s"])
+    assert math.isfinite(result["bandwidth_bytes_s"]) and result["bandwidth_bytes_s"] > 0
+
+
+def test_bytes_per_token_skips_an_untied_embedding_but_not_a_tied_one() -> None:
+    read = {"embedding_bytes": 1000 * 8, "embedding_rows": 1000, "tied": False}
+    assert bytes_per_token(50_000, read) == 50_000 - 8000 + 8
+    assert bytes_per_token(50_000, {**read, "tied": True}) == 50_000
+    assert bytes_per_token(50_000, None) == 50_000
+    fields = roofline(1e9, 50_000, read, decode_tok_s=10_000.0)
+    assert fields["bytes_per_token"] == 42_008
+    assert fields["decode_tok_s_limit"] == pytest.approx(1e9 / 42_008)
+    assert fields["fraction"] == pytest.approx(10_000 / (1e9 / 42_008))
+    assert roofline(None, 50_000, read, 1.0) is None and roofline(1e9, 50_000, read, None)["fraction"] is None
+
+
+def test_weights_read_sees_tied_and_untied_embeddings() -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Holder:  # what weights_read needs of a torch variant: its model
+        def __init__(self, model):
+            self.model = model
+
+    for tied in (False, True):
+        config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
+        read = weights_read(Holder(LlamaForCausalLM(config).to(torch.float32)))
+        assert read == {"embedding_bytes": 100 * 16 * 4, "embedding_rows": 100, "tied": tied}
+
+
+def _run_with_roofline() -> dict:
+    metrics = {"ttft_s": 0.1, "ttft_s_min": 0.09, "ttft_s_max": 0.12, "decode_tok_s": 20.0, "decode_tok_s_min": 19.0,
+               "decode_tok_s_max": 21.0, "weight_bytes": 1e8}
+    record = {"name": "fp32", "method": "fp32", "status": "ok", "honesty": "real-kernel", "error": None,
+              "metrics": metrics, "roofline": roofline(4e9, 100_000_000, None, 20.0)}
+    return {"model": {"source": "x", "note": None}, "variants": [record], "preset": {"baseline": "fp32"}}
+
+
+def test_latency_chart_and_table_show_the_limit() -> None:
+    from workbench.plots import latency
+    from workbench.report import summary_table
+
+    figure = latency(_run_with_roofline())
+    limit = next(trace for trace in figure.data if trace.name == "bandwidth limit")
+    assert list(limit.y) == [pytest.approx(40.0)] and "limit 40 (50%)" in limit.text[0]
+    row = summary_table(_run_with_roofline()).iloc[0]
+    assert row["decode limit tok/s"] == pytest.approx(40.0) and row["of limit"] == pytest.approx(0.5)

@@ -1,0 +1,226 @@
+"""This machine's memory bandwidth and matmul speed, and the decode roofline of every variant.
+
+    python -m workbench plan presets/quickstart.yaml      # calibrates once, then prints the plan
+
+Decoding one token reads (about) every weight once, so a variant cannot decode faster than
+`bandwidth / bytes read per token`. Bytes read per token are the loaded weight bytes minus the input
+embedding table, of which one row is read per token, unless that table is also the output head
+(tied), which reads all of it. KV-cache and activation traffic are left out (small at the prompt
+lengths measured here), so the limit is an upper bound; a fraction above 1 means the weights sat
+in the CPU caches (tiny models) or the copy measurement under-read this machine.
+
+The machine profile (bandwidth, matmul FLOP/s, the time to import torch + transformers and the
+resident memory that costs) is measured once per CPU, thread count and torch version in a fresh
+worker process and cached in `$WORKBENCH_HOME/machine_profile.json`. Best-of-N timings: on a machine
+shared with other work they still read low; `plan --recalibrate` measures again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from workbench.paths import workbench_home
+
+MIB = 1 << 20
+BANDWIDTH_BUFFER_BYTES = 256 * MIB  # 8x this machine's 32 MiB L3; any cache is far smaller than the buffer
+PROFILE_FILE = "machine_profile.json"
+
+
+def measure_bandwidth(threads: int, buffer_bytes: int = BANDWIDTH_BUFFER_BYTES, repeats: int = 8,
+                      clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Best-of-`repeats` torch copy of a float32 buffer (read + write bytes counted) and a read-only sum.
+
+    `clock` is injectable so tests can check the size/time arithmetic with a fake clock.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    n = buffer_bytes // 4
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch every page first: page faults are not bandwidth
+    copy_best = read_best = float("inf")
+    for _ in range(repeats):
+        started = clock()
+        dst.copy_(src)
+        copy_best = min(copy_best, clock() - started)
+        started = clock()
+        float(src.sum())
+        read_best = min(read_best, clock() - started)
+    moved = 2 * n * 4
+    return {
+        "method": f"torch copy_ of a {n * 4 // MIB} MiB float32 buffer, best of {repeats}; read + write bytes counted",
+        "threads": threads, "buffer_bytes": n * 4, "bytes_moved": moved, "copy_best_s": copy_best,
+        "copy_bytes_s": moved / copy_best, "read_best_s": read_best, "read_bytes_s": n * 4 / read_best,
+        # The decode limit uses the faster of the two: a roofline is an upper bound.
+        "bandwidth_bytes_s": max(moved / copy_best, n * 4 / read_best),
+    }
+
+
+def measure_matmul(threads: int, size: int = 1024, repeats: int = 20) -> dict[str, Any]:
+    """Best-of-`repeats` float32 `size x size` matmul: 2 * size^3 FLOPs."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up (thread pool, allocator)
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - started)
+    return {"size": size, "best_s": best, "flops_s": 2 * size**3 / best}
+
+
+def calibrate_worker(payload: dict, emit: Callable[[str], None]) -> dict[str, Any]:
+    """Worker-process entry (a fresh interpreter, so import time and resident memory are real)."""
+    from workbench.metrics.memory import current_rss_bytes
+
+    started = time.perf_counter()
+    import torch
+    import transformers  # noqa: F401
+
+    import_s = time.perf_counter() - started
+    base_rss = current_rss_bytes()
+    emit("measuring memory bandwidth")
+    bandwidth = measure_bandwidth(payload["threads"])
+    emit("measuring matmul speed")
+    matmul = measure_matmul(payload["threads"])
+    return {"machine": machine_description(payload["threads"]), "torch": torch.__version__,
+            "import_s": import_s, "runtime_base_rss_bytes": base_rss, "bandwidth": bandwidth, "matmul": matmul,
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def machine_description(threads: int) -> dict[str, Any]:
+    from workbench.environment import cpu_name
+
+    try:
+        import psutil
+
+        memory = psutil.virtual_memory().total
+    except Exception:  # pragma: no cover - psutil is a dependency; be robust anyway
+        memory = None
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "memory_bytes": memory, "threads": threads}
+
+
+def _profile_key(threads: int) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    from workbench.environment import cpu_name
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "absent"
+    return f"{cpu_name()}|{os.cpu_count()} cpus|{threads} threads|torch {torch_version}"
+
+
+def cached_profile(threads: int) -> dict[str, Any] | None:
+    path = workbench_home() / PROFILE_FILE
+    try:
+        return json.loads(path.read_text()).get(_profile_key(threads))
+    except (OSError, ValueError):
+        return None
+
+
+def machine_profile(threads: int, refresh: bool = False, emit: Callable[[str], None] = lambda _m: None,
+                    log_dir: Path | None = None) -> dict[str, Any] | None:
+    """The cached profile for this CPU and thread count, measured now (5-15 s) if absent; None if that fails."""
+    if not refresh:
+        found = cached_profile(threads)
+        if found is not None:
+            return found
+    from workbench.process import run_in_worker
+
+    emit(f"calibrating this machine once ({threads} threads): memory bandwidth and matmul speed")
+    log_dir = log_dir or workbench_home() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    outcome = run_in_worker("workbench.roofline:calibrate_worker", {"threads": threads}, log_dir / "calibrate.log",
+                            on_event=emit)
+    if not outcome.ok:
+        emit(f"calibration failed ({outcome.error}); time estimates and rooflines are left out")
+        return None
+    path = workbench_home() / PROFILE_FILE
+    try:
+        profiles = json.loads(path.read_text())
+    except (OSError, ValueError):
+        profiles = {}
+    profiles[_profile_key(threads)] = outcome.result
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(profiles, indent=1))
+    tmp.replace(path)
+    return outcome.result
+
+
+# ---- what a variant reads per decoded token -------------------------------------------------------
+
+
+def weights_read(variant: Any) -> dict[str, Any] | None:
+    """{'embedding_bytes', 'embedding_rows', 'tied'} of a loaded variant (torch or llama.cpp), or None."""
+    try:
+        return _weights_read(variant)
+    except Exception:  # a detail for the roofline: never a reason for a measurement to fail
+        return None
+
+
+def _weights_read(variant: Any) -> dict[str, Any] | None:
+    model = getattr(variant, "model", None)
+    if model is not None and hasattr(model, "get_input_embeddings"):
+        embedding = model.get_input_embeddings().weight
+        output = model.get_output_embeddings()
+        tied = output is not None and getattr(output, "weight", None) is not None \
+            and output.weight.data_ptr() == embedding.data_ptr()
+        return {"embedding_bytes": embedding.numel() * embedding.element_size(), "embedding_rows": embedding.shape[0],
+                "tied": bool(tied)}
+    path = getattr(variant, "artifact_path", None)
+    if path is not None and (Path(path) / "model.gguf").exists():
+        return gguf_weights_read(Path(path) / "model.gguf")
+    return None
+
+
+def gguf_weights_read(path: Path) -> dict[str, Any]:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: t for t in reader.tensors}
+    embedding = tensors.get("token_embd.weight")
+    return {"embedding_bytes": int(embedding.n_bytes) if embedding is not None else 0,
+            "embedding_rows": int(embedding.shape[-1]) if embedding is not None else 1,
+            "tied": "output.weight" not in tensors}
+
+
+def bytes_per_token(weight_bytes: int, read: dict[str, Any] | None) -> int:
+    """Weight bytes touched per decoded token: all weights, but one row of an untied input embedding."""
+    if not read or read["tied"] or not read["embedding_bytes"]:
+        return int(weight_bytes)
+    row = read["embedding_bytes"] / max(read["embedding_rows"], 1)
+    return int(weight_bytes - read["embedding_bytes"] + row)
+
+
+def roofline(bandwidth_bytes_s: float | None, weight_bytes: int | None, read: dict[str, Any] | None,
+             decode_tok_s: float | None) -> dict[str, Any] | None:
+    """The record's `roofline` field; None when bandwidth or weight bytes are unknown."""
+    if not bandwidth_bytes_s or not weight_bytes:
+        return None
+    per_token = bytes_per_token(weight_bytes, read)
+    limit = bandwidth_bytes_s / per_token
+    return {"bandwidth_bytes_s": bandwidth_bytes_s, "bytes_per_token": per_token, "decode_tok_s_limit": limit,
+            "fraction": decode_tok_s / limit if decode_tok_s else None,
+            "embedding_excluded": bool(read and not read["tied"]),
+            "note": "weights only (KV cache and activations left out): an upper bound"}
+
+
+def roofline_text(run: dict[str, Any]) -> str | None:
+    """One paragraph: the bandwidth used and how the per-variant limit in the table was derived."""
+    profile = run.get("machine_profile") or {}
+    if not profile or not any(r.get("roofline") for r in run["variants"]):
+        return None
+    bandwidth = profile["bandwidth"]
+    return (f"Roofline: this CPU's memory bandwidth {bandwidth['bandwidth_bytes_s'] / 1e9:.1f} GB/s "
+            f"({bandwidth['method']}, {bandwidth['threads']} threads; measured {profile['measured_at']}). "
+            "'decode limit tok/s' = bandwidth / weight bytes read per token (the input embedding table counts "
+            "one row unless it is tied to the head; KV cache left out); 'of limit' = decode tok/s / that limit.")

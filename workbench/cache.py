@@ -88,7 +88,12 @@ def cached_folder(
         if target.exists():  # another process published the same entry meanwhile
             shutil.rmtree(tmp)
         else:
-            tmp.rename(target)
+            try:
+                tmp.rename(target)
+            except OSError:  # lost the race to a concurrent build (a sweep's runs share the cache): keep theirs
+                if not target.exists():
+                    raise
+                shutil.rmtree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -23,6 +23,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", help="comma-separated variant names to run (the baseline is always kept)")
     run.add_argument("--no-cache", action="store_true", help="rebuild artifacts even when cached")
     run.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped with the weights")
+    run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                     help="run the variants as Ray tasks: auto, local, ray://HOST:PORT or HOST:PORT (docs/scale-out.md)")
+    run.add_argument("--ray-retries", type=int, default=2, help="Ray retries of a task whose node was lost (default 2)")
+
+    sweep = commands.add_parser("sweep", help="several presets (x models), each its own run; concurrent on Ray")
+    sweep.add_argument("presets", nargs="+", help="preset YAML files")
+    sweep.add_argument("--models", help="comma-separated models; every preset runs once per model")
+    sweep.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                       help="auto, local, ray://HOST:PORT or HOST:PORT; without it the runs go one after another here")
+    sweep.add_argument("--ray-retries", type=int, default=2, help="Ray retries of a task whose node was lost (default 2)")
+    sweep.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped with the weights")
 
     commands.add_parser("list-methods", help="methods with their options, defaults and help")
     commands.add_parser("history", help="runs stored in the history database")
@@ -60,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "list-methods": cmd_list_methods, "history": cmd_history, "export": cmd_export,
                 "bundle": cmd_bundle, "plan": cmd_plan, "selfcheck": cmd_selfcheck,
-                "reproduce": cmd_reproduce}[args.command](args)
+                "reproduce": cmd_reproduce, "sweep": cmd_sweep}[args.command](args)
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -80,6 +91,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from workbench.report import format_table, protocol_summary, sensitivity_text
     from workbench.runner import Runner
 
+    address = args.ray if args.ray is not None else preset.ray
+    if address is not None and args.out is not None and not args.out.is_absolute():
+        raise WorkbenchError(f"--out {args.out} is relative; Ray tasks need an absolute path (a shared one on a cluster)")
+    executor_for, started_ray = _ray_executor(address, [preset], args.ray_retries)
     bar = tqdm(total=len(preset.variants), unit="variant", dynamic_ncols=True)
 
     def show(event) -> None:
@@ -90,7 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             if event.phase != "ok":
                 bar.write(f"{event.variant}: {event.phase}: {event.message}")
 
-    runner = Runner(preset, out_dir=args.out, use_cache=not args.no_cache, on_event=show)
+    runner = Runner(preset, out_dir=args.out, use_cache=not args.no_cache, on_event=show,
+                    executor=executor_for(preset) if executor_for else None)
     # Ctrl-C cancels: the worker in flight is stopped, the rest are recorded as cancelled and stored.
     previous = signal.signal(signal.SIGINT, lambda *_: runner.cancel())
     try:
@@ -98,6 +114,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
+        if started_ray:
+            from workbench.scaleout import shutdown
+
+            shutdown()
     if result["model"].get("note"):
         print(f"note: {result['model']['note']}")
     print(format_table(result))
@@ -112,6 +132,67 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(sensitivity_text(result["sensitivity"]))
     print(f"run {result['run_id']}: results in {runner.out_dir / 'results.json'}")
     return 0 if result["status"] == "ok" else 1
+
+
+def _ray_executor(address: str | None, presets: list, retries: int):
+    """(executor factory per preset, whether Ray was started here) for --ray / a preset's `ray:`; (None, False) without."""
+    if address is None:
+        named = sorted({p.ray for p in presets if p.ray})
+        if len(named) > 1:
+            raise WorkbenchError(f"the presets name different Ray clusters ({', '.join(named)}); choose one with --ray")
+        address = named[0] if named else None
+    if address is None:
+        return None, False
+    if retries < 0:
+        raise WorkbenchError("--ray-retries must be 0 or more")
+    from workbench import scaleout
+
+    scaleout.task_environment()  # refuses a relative WORKBENCH_HOME before connecting
+    started = scaleout.connect(address)
+    return (lambda preset: scaleout.RayExecutor.for_preset(preset, max_retries=retries)), started
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import threading
+
+    from workbench.presets import load_preset
+    from workbench.sweep import expand, run_sweep, summary_table
+
+    presets = [load_preset(path) for path in args.presets]
+    if args.trust_remote_code:
+        presets = [p.model_copy(update={"trust_remote_code": True}) for p in presets]
+    models = None
+    if args.models is not None:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if not models:
+            raise WorkbenchError("--models needs at least one model, e.g. --models bundled:smollm2-135m-instruct,gpt2")
+    presets = expand(presets, models)
+    executor_for, started_ray = _ray_executor(args.ray, presets, args.ray_retries)
+    lock = threading.Lock()
+
+    def show(item, event) -> None:
+        if event.variant and event.phase in ("ok", "failed", "cancelled"):
+            line = f"{event.variant}: {event.phase}" + (f": {event.message}" if event.phase != "ok" else "")
+        elif event.message.startswith("running on ") or (event.variant is None and event.phase == "done"):
+            line = f"{event.variant}: {event.phase}: {event.message}" if event.variant else event.message
+        else:
+            return
+        with lock:
+            print(f"[{item.label}] {line}", flush=True)
+
+    cancel = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())  # Ctrl-C cancels every run, keeps what was measured
+    print(f"sweep: {len(presets)} run(s)" + (" on Ray" if executor_for else " one after another on this machine"), flush=True)
+    try:
+        runs = run_sweep(presets, executor_for, on_event=show, cancel=cancel)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if started_ray:
+            from workbench.scaleout import shutdown
+
+            shutdown()
+    print(summary_table(runs))
+    return 0 if all(item.status == "ok" for item in runs) else 1
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -101,6 +101,8 @@ class Preset(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, description="CPU threads, pinned.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model (off unless you trust it).")
+    ray: str | None = Field(None, description="Run the variants as Ray tasks: auto (a running cluster), local, "
+                            "ray://HOST:PORT or HOST:PORT; the CLI's --ray overrides it (docs/scale-out.md).")
     eval: EvalSpec = Field(default_factory=EvalSpec)
     latency: LatencySpec = Field(default_factory=LatencySpec)
     samples: SamplesSpec = Field(default_factory=SamplesSpec)

@@ -60,8 +60,10 @@ class Runner:
         use_cache: bool = True,
         on_event: Callable[[ProgressEvent], None] = lambda _e: None,
         history: History | None = None,
+        executor: Callable[..., WorkerOutcome] | None = None,
     ):
         self.preset = preset
+        self.executor = executor or run_in_worker  # run_in_worker's signature; scaleout.RayExecutor runs on Ray
         self.run_id = new_run_id()
         self.out_dir = Path(out_dir) if out_dir else runs_dir() / self.run_id
         self.use_cache = use_cache
@@ -78,7 +80,7 @@ class Runner:
         self.on_event(ProgressEvent(variant, phase, message, index, len(self.preset.variants)))
 
     def _worker(self, target: str, payload: dict, log_name: str, variant: str | None, phase: str, index: int) -> WorkerOutcome:
-        return run_in_worker(
+        return self.executor(
             target, payload, self.out_dir / "logs" / f"{log_name}.log",
             on_event=lambda message: self._emit(variant, phase, message, index), cancel=self._cancel,
             on_start=lambda pid: setattr(self, "worker_pid", pid),

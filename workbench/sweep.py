@@ -1,0 +1,124 @@
+"""A sweep: several presets (and optionally each over several models), each its own run in the history.
+
+    python -m workbench sweep presets/tiny-smoke.yaml presets/quickstart.yaml --models M1,M2 --ray local
+
+With an executor factory (Ray), the runs proceed at once, one thread each: within a run the Runner keeps
+its order (the baseline first, since the others read its log-probabilities), while the variants of
+different runs queue on the cluster side by side. Without one, the runs go one after another on this
+machine. Every thread opens its own History connection (SQLite in WAL mode, writes from this process only).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from workbench.presets import Preset
+
+
+@dataclass
+class SweepRun:
+    preset: Preset
+    label: str
+    run_id: str | None = None
+    status: str = "pending"  # pending | running | ok | failed | cancelled | error
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    wall_s: float | None = None
+    out_dir: str | None = None
+
+
+def expand(presets: list[Preset], models: list[str] | None = None) -> list[Preset]:
+    """Every preset once, or once per model when `models` is given (the model overridden, the rest kept)."""
+    if not models:
+        return list(presets)
+    return [p.model_copy(update={"model": m}) for p in presets for m in models]
+
+
+def run_sweep(
+    presets: list[Preset],
+    executor_for: Callable[[Preset], Any] | None = None,
+    on_event: Callable[[SweepRun, Any], None] = lambda _r, _e: None,
+    use_cache: bool = True,
+    cancel: threading.Event | None = None,
+) -> list[SweepRun]:
+    """Run every preset as its own Runner; concurrently when `executor_for` gives each an executor (Ray)."""
+    from workbench.runner import Runner
+    from workbench.store import History
+
+    History().close()  # migrate once here, before several threads open the database at once
+    try:
+        from workbench.roofline import machine_profile
+    except ImportError:  # a tree without the roofline planner: nothing to calibrate
+        machine_profile = None
+    for threads in sorted({p.threads for p in presets}) if machine_profile else ():
+        machine_profile(threads)  # once here, so concurrent runs do not race on the profile file
+    names = [p.name for p in presets]
+    runs = [SweepRun(p, p.name if names.count(p.name) == 1 else f"{p.name}@{p.model}") for p in presets]
+    cancel = cancel or threading.Event()
+    runners: list[Runner] = []
+    lock = threading.Lock()
+
+    def one(item: SweepRun) -> None:
+        executor = executor_for(item.preset) if executor_for else None
+        runner = Runner(item.preset, use_cache=use_cache, executor=executor,
+                        on_event=lambda event: on_event(item, event))
+        with lock:
+            runners.append(runner)
+            if cancel.is_set():
+                runner.cancel()
+        item.run_id, item.out_dir, item.status = runner.run_id, str(runner.out_dir), "running"
+        started = time.perf_counter()
+        try:
+            run = runner.run()  # its own History() connection, opened in this thread
+            item.status = run["status"]
+            for record in run["variants"]:
+                item.counts[record["status"]] = item.counts.get(record["status"], 0) + 1
+        except Exception as exc:  # a run that could not start (model missing, Ray lost) fails alone
+            item.status, item.error = "error", str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        finally:
+            item.wall_s = time.perf_counter() - started
+            close = getattr(executor, "close", None)
+            if close:
+                close()
+
+    def stop_all() -> None:
+        with lock:
+            for runner in runners:
+                runner.cancel()
+
+    def wait(threads: list[threading.Thread]) -> None:
+        for thread in threads:
+            thread.start()
+        while any(t.is_alive() for t in threads):
+            if cancel.wait(0.5):
+                stop_all()
+                for thread in threads:
+                    thread.join()
+
+    threads = [threading.Thread(target=one, args=(item,), name=f"sweep-{i}", daemon=True) for i, item in enumerate(runs)]
+    if executor_for is not None:
+        wait(threads)  # all at once: the cluster queues their tasks
+    else:
+        for item, thread in zip(runs, threads):  # one after another: they would share this machine's cores
+            if cancel.is_set():
+                item.status = "cancelled"
+            else:
+                wait([thread])
+    return runs
+
+
+def summary_table(runs: list[SweepRun]) -> str:
+    header = f"{'run id':<22} {'preset':<18} {'model':<34} {'status':<9} {'ok':>3} {'failed':>6} {'cancelled':>9} {'wall s':>7}"
+    lines = [header, "-" * len(header)]
+    for item in runs:
+        model = item.preset.model if len(item.preset.model) <= 34 else "…" + item.preset.model[-33:]
+        wall = f"{item.wall_s:.0f}" if item.wall_s is not None else "-"
+        lines.append(f"{item.run_id or '-':<22} {item.preset.name:<18} {model:<34} {item.status:<9} "
+                     f"{item.counts.get('ok', 0):>3} {item.counts.get('failed', 0):>6} "
+                     f"{item.counts.get('cancelled', 0):>9} {wall:>7}")
+        if item.error:
+            lines.append(f"    error: {item.error}")
+    return "\n".join(lines)

@@ -31,21 +31,26 @@ def _serve(spec: dict[str, Any], conn: Any, log_path: str) -> None:
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}".splitlines()[0]))
         return
-    while True:
-        request = conn.recv()
-        if request is None:
-            return
-        prompt, max_new_tokens = request
-        tokens: list[int] = []
-        text = ""
-        for token in variant.generate(variant.chat_ids(prompt), max_new_tokens):
-            if token in eos:
-                break
-            tokens.append(token)
-            new_text = variant.tokenizer.decode(tokens, skip_special_tokens=True)
-            conn.send(("token", (token, new_text[len(text):])))
-            text = new_text
-        conn.send(("done", None))
+    try:
+        while True:
+            request = conn.recv()
+            if request is None:
+                return
+            prompt, max_new_tokens = request
+            tokens: list[int] = []
+            text = ""
+            for token in variant.generate(variant.chat_ids(prompt), max_new_tokens):
+                if token in eos:
+                    break
+                tokens.append(token)
+                new_text = variant.tokenizer.decode(tokens, skip_special_tokens=True)
+                conn.send(("token", (token, new_text[len(text):])))
+                text = new_text
+            conn.send(("done", None))
+    except (EOFError, OSError):  # the app went away (stopped, or the visitor's session ended): nobody to answer
+        return
+    finally:
+        variant.close()
 
 
 class ChatWorker:

@@ -18,12 +18,18 @@ from workbench.sources import BUNDLED
 from workbench.ui.common import PRESETS_DIR, check_model_allowed, display_table, figures, limits, preset_names, run_note
 
 
+def _default(field: Any) -> Any:
+    """A field's default as plain data (a nested options model, e.g. a calibration spec, as its dict)."""
+    default = field.get_default(call_default_factory=True)
+    return default.model_dump() if hasattr(default, "model_dump") else default
+
+
 def _field_component(method: str, name: str, field: Any) -> gr.components.Component:
     """One input per option, chosen from its type; help text from the field's description."""
     annotation = field.annotation
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     base = args[0] if len(args) == 1 else annotation
-    default = field.get_default(call_default_factory=True)
+    default = _default(field)
     label = f"{method} · {name}"
     if typing.get_origin(base) is typing.Literal:
         return gr.Dropdown(choices=list(typing.get_args(base)), value=default, label=label, info=field.description)
@@ -53,7 +59,7 @@ def preset_from_form(model: str, methods: list[str], threads: float, fields: lis
         for (owner, name, field), value in zip(fields, values):
             if owner == method:
                 value = _option_value(field, value)
-                if value != field.get_default(call_default_factory=True):
+                if value != _default(field):
                     options[name] = value
         variants.append({"name": method, "method": method, **({"options": options} if options else {})})
     data = {"name": "custom", "model": model.strip() or BUNDLED, "device": "auto", "threads": int(threads or 2),
@@ -155,7 +161,9 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
                     inputs.append(_field_component(name, field_name, field))
                     fields.append((name, field_name, field))
     from_form = gr.Button("Write preset from the form")
-    yaml_box = gr.Code(language="yaml", label="Preset (YAML): edit freely, this is what runs")
+    quickstart = PRESETS_DIR / "quickstart.yaml"  # the preset the picker shows at first, so Run works straight away
+    yaml_box = gr.Code(value=quickstart.read_text() if quickstart.is_file() else None, language="yaml",
+                       label="Preset (YAML): edit freely, this is what runs")
     with gr.Row():
         save_name = gr.Textbox(label="Save as", placeholder="my-preset", scale=3)
         save = gr.Button("Save preset", scale=1)

@@ -151,3 +151,12 @@ def test_run_records_a_roofline_for_every_cpu_variant(planned_run, tiny_model_di
         assert roof["decode_tok_s_limit"] == pytest.approx(bandwidth / roof["bytes_per_token"])
         assert roof["fraction"] == pytest.approx(record["metrics"]["decode_tok_s"] / roof["decode_tok_s_limit"])
     assert "decode limit tok/s" in markdown_table(planned_run) and "of limit" in markdown_table(planned_run)
+
+
+def test_a_second_plan_knows_which_artifacts_are_cached(planned_run) -> None:
+    from workbench.planner import cached_variants
+
+    preset = parse_preset(planned_run["preset"])
+    cached = cached_variants(preset, planned_run["model"]["fingerprint"], "cpu", "float32")
+    assert cached == {"fp32": True, "nf4": True}
+    assert cached_variants(preset, "sha256:another-source", "cpu", "float32") == {"fp32": True, "nf4": False}

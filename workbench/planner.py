@@ -27,7 +27,7 @@ from workbench.weightsize import DTYPE_BYTES, METHOD_DTYPES, WeightEstimate, est
 PREFILL_EFFICIENCY = {"float32": 1.0, "bfloat16": 2.0, "float16": 0.05, "bnb-int8": 1.1, "bnb-4bit": 1.2, "gguf": 1.0}
 DECODE_LAYER_S = {"float32": 0.0008, "bfloat16": 0.0008, "float16": 0.004, "bnb-int8": 0.002, "bnb-4bit": 0.00095,
                   "gguf": 0.0001}
-RUNTIME_EXTRA_BYTES = {"torch": 120e6, "llamacpp": 60e6}  # activations, logits, allocator slack above weights
+RUNTIME_EXTRA_BYTES = {"torch": 320e6, "llamacpp": 150e6}  # load transients, activations, logits, slack
 DISK_BYTES_S = 1.0e9  # reading and writing safetensors (page cache helps; a rough middle)
 
 

@@ -36,6 +36,8 @@ class Check:
     detail: str
 
     def line(self) -> str:
+        if self.status == "info":
+            return f"[   info] {self.name}: {self.value:.6g}. {self.detail}"
         ref = "—" if self.reference is None else f"{self.reference:.6g}"
         val = "—" if self.value is None else f"{self.value:.6g}"
         return f"[{self.status:>7}] {self.name}: reference {ref}, workbench {val} (tolerance {self.tolerance}). {self.detail}"

@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("--markdown", type=Path, help="write the summary table and protocol as Markdown")
     export.add_argument("--html", type=Path, help="write a standalone HTML report (charts embedded, opens offline)")
 
+    export_model = commands.add_parser("export-model", help="save a torch variant of a stored run as safetensors shards")
+    export_model.add_argument("run_id")
+    export_model.add_argument("variant")
+    export_model.add_argument("--out", type=Path, required=True, help="an empty or new folder")
+    export_model.add_argument("--max-shard-size", default="200MB", help="largest shard, e.g. 200MB, 1GB (default 200MB)")
+
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "list-methods": cmd_list_methods, "history": cmd_history, "export": cmd_export,
                 "bundle": cmd_bundle, "plan": cmd_plan, "selfcheck": cmd_selfcheck,
-                "reproduce": cmd_reproduce, "sweep": cmd_sweep}[args.command](args)
+                "reproduce": cmd_reproduce, "sweep": cmd_sweep, "export-model": cmd_export_model}[args.command](args)
     except WorkbenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -130,6 +136,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(text)
     if result.get("sensitivity"):
         print(sensitivity_text(result["sensitivity"]))
+    from workbench.robustness import calibration_groups, robustness_text
+
+    if calibration_groups(result):
+        print(robustness_text(calibration_groups(result)))
     print(f"run {result['run_id']}: results in {runner.out_dir / 'results.json'}")
     return 0 if result["status"] == "ok" else 1
 
@@ -301,4 +311,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.markdown:
         args.markdown.write_text(markdown_table(run) + "\n\n" + protocol_summary(run) + "\n")
         print(f"wrote {args.markdown}")
+    return 0
+
+
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from workbench.export_model import export_model
+
+    summary = export_model(_stored_run(args.run_id), args.variant, args.out, args.max_shard_size)
+    print(f"wrote {len(summary['shards'])} safetensors shard(s) to {summary['out_dir']}"
+          + (f" with {summary['index']} ({summary['total_size']} bytes of tensors)" if summary["index"] else ""))
     return 0

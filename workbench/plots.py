@@ -116,12 +116,66 @@ def sensitivity(run: dict[str, Any]):
     return figure
 
 
-CHARTS = {"size_vs_perplexity": size_vs_perplexity, "memory": memory, "latency": latency,
-          "sparsity": sparsity_heatmap, "divergence": divergence}
+def calibration_spread(run: dict[str, Any]):
+    """Perplexity of each calibration of a recipe, one column per recipe: the spread is the luck."""
+    import plotly.graph_objects as go
+
+    from workbench.robustness import calibration_groups
+
+    figure = go.Figure()
+    for group in calibration_groups(run):
+        label = " + ".join(s["method"] for s in group["recipe"])
+        figure.add_trace(go.Scatter(
+            x=[label] * len(group["members"]), y=[m["perplexity"] for m in group["members"]], mode="markers", name=label,
+            text=[f"{m['name']}: text {m['calibration'].get('text', 'pydoc')}, seed {m['calibration'].get('seed', 0)}"
+                  for m in group["members"]], hoverinfo="text+y", marker={"size": 11}))
+    figure.update_layout(title=_title("Calibration robustness: perplexity per calibration set", run),
+                         yaxis_title="perplexity", showlegend=False)
+    return figure
+
+
+def downstream_tasks(run: dict[str, Any]):
+    """lm-eval scores per variant (one bar group per task metric), with their standard errors."""
+    import plotly.graph_objects as go
+
+    records = _ok(run)
+    metrics = sorted({m for r in records for m, v in r["metrics"].items()
+                      if m.startswith("lm_eval.") and not m.endswith("_stderr") and v is not None})
+    figure = go.Figure()
+    for metric in metrics:
+        with_value = [r for r in records if r["metrics"].get(metric) is not None]
+        figure.add_trace(go.Bar(
+            x=[r["name"] for r in with_value], y=[r["metrics"][metric] for r in with_value],
+            error_y={"type": "data", "array": [r["metrics"].get(metric + "_stderr") or 0 for r in with_value]},
+            name=metric.removeprefix("lm_eval.")))
+    figure.update_layout(title=_title("Downstream tasks (lm-eval)" if metrics else "Downstream tasks: none in this run", run),
+                         barmode="group", yaxis_title="score")
+    return figure
+
+
+# name -> (UI label, builder, whether this run has data for it). The UI shows every chart (empty ones
+# stay empty); the HTML report leaves out charts without data.
+CHART_SPECS: dict[str, tuple[str, Any, Any]] = {
+    "size_vs_perplexity": ("Size vs perplexity", size_vs_perplexity, lambda run: True),
+    "memory": ("Memory", memory, lambda run: True),
+    "latency": ("Latency", latency, lambda run: True),
+    "sparsity": ("Sparsity", sparsity_heatmap, lambda run: True),
+    "divergence": ("Divergence", divergence, lambda run: True),
+    "downstream": ("Downstream tasks (lm-eval)", downstream_tasks,
+                   lambda run: any(m.startswith("lm_eval.") for r in _ok(run) for m in r["metrics"])),
+    "sensitivity": ("Per-block sensitivity", sensitivity, lambda run: bool((run.get("sensitivity") or {}).get("rows"))),
+    "calibration_spread": ("Calibration robustness", calibration_spread, lambda run: _has_calibration_groups(run)),
+}
+CHARTS = {name: spec[1] for name, spec in CHART_SPECS.items()}
+CHART_LABELS = [spec[0] for spec in CHART_SPECS.values()]
+
+
+def _has_calibration_groups(run: dict[str, Any]) -> bool:
+    from workbench.robustness import calibration_groups
+
+    return bool(calibration_groups(run))
 
 
 def all_figures(run: dict[str, Any]) -> dict[str, Any]:
-    figures = {name: build(run) for name, build in CHARTS.items()}
-    if (run.get("sensitivity") or {}).get("rows"):
-        figures["sensitivity"] = sensitivity(run)
-    return figures
+    """The charts this run has data for (the HTML report's set)."""
+    return {name: build(run) for name, (_label, build, has_data) in CHART_SPECS.items() if has_data(run)}

@@ -121,7 +121,11 @@ def export_html(run: dict[str, Any], path: Path) -> None:
 
     from workbench.plots import all_figures
 
+    from workbench.robustness import calibration_groups, robustness_text
+
     figures = all_figures(run)
+    groups = calibration_groups(run)
+    spread = f"<pre>{html.escape(robustness_text(groups))}</pre>" if groups else ""
     parts = [figure.to_html(full_html=False, include_plotlyjs=(index == 0)) for index, figure in enumerate(figures.values())]
     note = f"<p><b>Note:</b> {html.escape(run['model']['note'])}</p>" if run["model"].get("note") else ""
     document = (
@@ -129,6 +133,6 @@ def export_html(run: dict[str, Any], path: Path) -> None:
         f"<body><h1>Squeeze Bench: {html.escape(run['preset']['name'])} on {html.escape(run['model']['source'])}</h1>"
         f"<p>run {run['run_id']}, {run['created_at']}</p>{note}"
         f"{summary_table(run).to_html(index=False, na_rep='—', float_format=lambda v: f'{v:.4g}')}"
-        f"<p>{html.escape(protocol_summary(run))}</p>{''.join(parts)}</body></html>"
+        f"<p>{html.escape(protocol_summary(run))}</p>{spread}{''.join(parts)}</body></html>"
     )
     Path(path).write_text(document, encoding="utf-8")

@@ -129,11 +129,20 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from workbench.methods.registry import method_names
+
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:
-        raise SourceError(f"transformers cannot load {gguf} as a causal LM: {str(exc).splitlines()[0]}") from None
+        # Every torch method (and the eval tokenizer) needs the model in transformers; llama.cpp alone can still
+        # run the file, as a variant next to a model transformers can load.
+        raise SourceError(
+            f"transformers cannot load {gguf} as a causal LM: {str(exc).splitlines()[0]}. This GGUF-only source can be "
+            f"run only by the gguf-file method (llama.cpp): use a transformers-loadable model of the same family as "
+            f"model and add a variant {{method: gguf-file, options: {{path: {gguf}}}}}; the other methods "
+            f"({', '.join(n for n in method_names() if n != 'gguf-file')}) need the weights in transformers"
+        ) from None
     # The GGUF loader marks the model as quantized; the weights are already dequantized to fp32, and
     # save_pretrained refuses (or writes a misleading quantization_config) unless both marks go.
     model.hf_quantizer = None

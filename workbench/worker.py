@@ -101,7 +101,6 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
     variant = load_variant(payload["runtime"], name=payload["name"], artifact_path=Path(payload["artifact_path"]),
                            device=device, threads=threads, trust_remote_code=payload["trust_remote_code"], **extra)
     load_s = time.perf_counter() - started
-    footprint = variant.footprint()
 
     details: dict = {}
     emit("latency")
@@ -113,6 +112,10 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
         counters = variant.perf_counters()
         details["engine_perf"] = {**counters, "scope": "warm-up and timed latency runs",
                                   "decode_tok_s": counters["eval_tokens"] / counters["eval_ms"] * 1000 if counters["eval_ms"] else None}
+
+    # Weight bytes as they sit in memory while the model runs: taken after the first forward passes, because
+    # some formats (compressed-tensors' packed GPTQ/AWQ weights on CPU) unpack to float on first use.
+    footprint = variant.footprint()
 
     emit("samples")
     samples = [_sample(variant, prompt, payload["samples"]["new_tokens"]) for prompt in payload["samples"]["prompts"]]

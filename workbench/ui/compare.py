@@ -14,6 +14,7 @@ import yaml
 from workbench.errors import WorkbenchError
 from workbench.methods.registry import get_method, method_names
 from workbench.paths import workbench_home
+from workbench.plots import CHART_LABELS
 from workbench.sources import BUNDLED
 from workbench.ui.common import PRESETS_DIR, check_model_allowed, display_table, figures, limits, preset_names, run_note
 
@@ -72,7 +73,7 @@ def run_preset(yaml_text: str, budget_gb: float | None, session: dict):
     from workbench.presets import parse_preset
     from workbench.runner import Runner
 
-    empty = [gr.skip()] * 7
+    empty = [gr.skip()] * (2 + len(CHART_LABELS))  # results table, every chart, current run id
     try:
         data = yaml.safe_load(yaml_text or "")
         preset = parse_preset(data, "preset")
@@ -80,6 +81,7 @@ def run_preset(yaml_text: str, budget_gb: float | None, session: dict):
         check_model_allowed(preset.model, lim)
         if len(preset.variants) > lim.max_variants:
             raise WorkbenchError(f"{len(preset.variants)} variants; this app allows at most {lim.max_variants}")
+        check_model_size(preset, lim)
     except (WorkbenchError, yaml.YAMLError) as exc:
         yield [f"**Cannot run:** {exc}", None] + empty
         return
@@ -119,6 +121,21 @@ def run_preset(yaml_text: str, budget_gb: float | None, session: dict):
     yield [run_note(run), table, display_table(run, budget_gb), *figures(run, budget_gb), run["run_id"]]
 
 
+def check_model_size(preset: Any, lim: Any) -> None:
+    """The size cap (WORKBENCH_MAX_PARAMS; 5e8 in shared mode) is checked from the model's config alone,
+    before anything downloads or loads."""
+    from workbench.modelshape import read_shape
+
+    params = read_shape(preset.model, preset.trust_remote_code)[0].params()
+    if params > lim.max_model_params:
+        raise WorkbenchError(f"{preset.model} has about {_count(params)} parameters; this app allows at most "
+                             f"{_count(lim.max_model_params)} (WORKBENCH_MAX_PARAMS)")
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.1f} B" if n >= 1e9 else f"{n / 1e6:.0f} M" if n >= 1e6 else f"{n:,.0f}"
+
+
 def plan_preset_markdown(yaml_text: str, budget_gb: float | None) -> str:
     """Estimated weights, peak memory and time of every variant, from the model config alone (planner.py)."""
     from workbench.planner import plan_markdown, plan_preset_file
@@ -141,6 +158,17 @@ def cancel_run(session: dict) -> str:
     return "cancelling: the variant in flight stops, the rest are recorded as cancelled"
 
 
+def _importable_methods() -> tuple[list[str], dict[str, str]]:
+    usable, broken = [], {}
+    for name in method_names():
+        try:
+            get_method(name)
+            usable.append(name)
+        except Exception as exc:
+            broken[name] = f"{type(exc).__name__}: {exc}"
+    return usable, broken
+
+
 def build_compare(session: gr.State, current_run: gr.State) -> None:
     lim = limits()
     with gr.Row():
@@ -148,11 +176,14 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
                            + ("" if lim.shared else ", or a local folder / .gguf inside the allowed folders"))
         threads = gr.Number(value=2, precision=0, label="Threads")
         preset_pick = gr.Dropdown(choices=preset_names(), value="quickstart", label="Preset")
-    methods = gr.CheckboxGroup(choices=method_names(), value=["fp32", "bnb-nf4"], label="Methods")
+    usable, broken = _importable_methods()
+    methods = gr.CheckboxGroup(choices=usable, value=["fp32", "bnb-nf4"], label="Methods")
+    if broken:  # one broken method module must not take the app down: say which, offer the rest
+        gr.Markdown("**Unavailable methods:** " + "; ".join(f"{name} ({reason})" for name, reason in broken.items()))
     fields: list[tuple[str, str, Any]] = []
     inputs = []
     with gr.Accordion("Method options (generated from each method's typed options)", open=False):
-        for name in method_names():
+        for name in usable:
             options = get_method(name).Options.model_fields
             if not options:
                 continue
@@ -177,7 +208,7 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
         plan_box = gr.Markdown()
     progress = gr.Dataframe(label="Progress", interactive=False)
     results = gr.Dataframe(label="Results (MB, ms, tok/s; — means not applicable)", interactive=False)
-    plots = [gr.Plot(label=label) for label in ("Size vs perplexity", "Memory", "Latency", "Sparsity", "Divergence")]
+    plots = [gr.Plot(label=label) for label in CHART_LABELS]
 
     def load_preset_text(name: str) -> str:
         path = PRESETS_DIR / f"{name}.yaml"

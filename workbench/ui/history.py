@@ -10,6 +10,7 @@ import pandas as pd
 
 from workbench.report import export_csv, export_html, export_json
 from workbench.store import History
+from workbench.plots import CHART_LABELS
 from workbench.ui.common import display_table, figures, run_note
 
 
@@ -39,7 +40,7 @@ def build_history(session: gr.State, current_run: gr.State) -> None:
     note = gr.Markdown()
     table = gr.Dataframe(interactive=False)
     files = gr.File(label="Exports", file_count="multiple")
-    plots = [gr.Plot() for _ in range(5)]
+    plots = [gr.Plot(label=label) for label in CHART_LABELS]
 
     def list_runs(session_value: dict):
         frame = visible_runs(session_value)

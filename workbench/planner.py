@@ -27,7 +27,10 @@ from workbench.weightsize import DTYPE_BYTES, METHOD_DTYPES, WeightEstimate, est
 PREFILL_EFFICIENCY = {"float32": 1.0, "bfloat16": 2.0, "float16": 0.05, "bnb-int8": 1.1, "bnb-4bit": 1.2, "gguf": 1.0}
 DECODE_LAYER_S = {"float32": 0.0008, "bfloat16": 0.0008, "float16": 0.004, "bnb-int8": 0.002, "bnb-4bit": 0.00095,
                   "gguf": 0.0001}
-RUNTIME_EXTRA_BYTES = {"torch": 320e6, "llamacpp": 150e6}  # load transients, activations, logits, slack
+# Peak resident memory above the imports and the weights (load transients, activations, logits, llama.cpp's
+# compute buffers and KV cache), per format family, from the quickstart runs' peak RSS.
+PEAK_EXTRA_BYTES = {"float32": 330e6, "bfloat16": 330e6, "float16": 330e6, "bnb-int8": 420e6, "bnb-4bit": 420e6,
+                    "gguf": 360e6}
 DISK_BYTES_S = 1.0e9  # reading and writing safetensors (page cache helps; a rough middle)
 
 
@@ -124,7 +127,7 @@ def plan_preset(preset: Any, shape: ModelShape, profile: dict[str, Any] | None, 
         notes = list(est.notes)
         build_s = measure_s = peak = None
         if profile is not None:
-            peak = int(profile["runtime_base_rss_bytes"] + est.weight_bytes + RUNTIME_EXTRA_BYTES[est.runtime])
+            peak = int(profile["runtime_base_rss_bytes"] + est.weight_bytes + PEAK_EXTRA_BYTES.get(est.family, 400e6))
             if device == "cpu":
                 build_s = estimate_build_s(stages, shape, profile)
                 measure_s = estimate_measure_s(est, protocol, profile, spec.name == preset.baseline)

@@ -41,11 +41,7 @@ def gguf_summary(path: Path) -> dict[str, Any]:
     tensor_bytes = sum(int(tensor.n_bytes) for tensor in reader.tensors)
 
     def field(name: str) -> Any:
-        value = reader.fields.get(name)
-        if value is None:
-            return None
-        data = value.parts[value.data[0]]
-        return bytes(data).decode() if value.types and value.types[0] == gguf.GGUFValueType.STRING else data.tolist()[0]
+        return gguf_field(reader, name)
 
     return {
         "architecture": field("general.architecture"),
@@ -57,3 +53,14 @@ def gguf_summary(path: Path) -> dict[str, Any]:
         "bits_per_weight": tensor_bytes * 8 / elements if elements else None,
         "vocab_size": len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None,
     }
+
+
+def gguf_field(reader: Any, name: str) -> Any:
+    """A scalar or string metadata value of a GGUFReader, None when the file lacks it."""
+    import gguf
+
+    value = reader.fields.get(name)
+    if value is None:
+        return None
+    data = value.parts[value.data[0]]
+    return bytes(data).decode() if value.types and value.types[0] == gguf.GGUFValueType.STRING else data.tolist()[0]

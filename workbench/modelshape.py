@@ -146,7 +146,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
     """The shape from a GGUF file's metadata and tensor table (memory-mapped; tensor data is never read)."""
     import gguf
 
-    from workbench.gguf_info import check_gguf_file
+    from workbench.gguf_info import check_gguf_file, gguf_field
 
     check_gguf_file(path)
     try:
@@ -155,11 +155,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
         raise ShapeError(f"{path} is a damaged GGUF file ({type(exc).__name__})") from None
 
     def field(name: str) -> Any:
-        value = reader.fields.get(name)
-        if value is None:
-            return None
-        data = value.parts[value.data[0]]
-        return bytes(data).decode() if value.types and value.types[0] == gguf.GGUFValueType.STRING else data.tolist()[0]
+        return gguf_field(reader, name)
 
     arch = field("general.architecture")
     tensors = {t.name for t in reader.tensors}

@@ -161,7 +161,10 @@ def check_same_logits_as_original(built: Built) -> None:
 METHOD_CASES = [
     Case("magnitude-50", "magnitude", {"sparsity": 0.5}, check_magnitude_half_per_layer),
     Case("magnitude-global-30", "magnitude", {"sparsity": 0.3, "scope": "global"}, check_magnitude_global),
-    Case("structured", "structured", {"mlp_fraction": 0.25, "heads_fraction": 0.5}, check_structured),
+    Case("structured", "structured", {"mlp_fraction": 0.25, "heads_fraction": 0.5, "calibration_tokens": 300},
+         check_structured),
+    Case("structured-l1", "structured", {"mlp_fraction": 0.25, "heads_fraction": 0.5, "importance": "l1"},
+         check_structured),
     Case("kmeans-4", "kmeans", {"k": 4, "sample_size": 1000}, check_kmeans_4, requires="sklearn"),
     Case("kmeans-tied", "kmeans", {"k": 8}, check_tied_head_survives, model="tiny_tied_dir", requires="sklearn"),
     Case("lowrank-8", "lowrank", {"rank": 8}, check_lowrank_8),
@@ -213,7 +216,8 @@ def test_method_keeps_its_promise(case: Case, request: pytest.FixtureRequest, tm
         case.check(Built(original=original, variant=variant, folder=folder, source=source))
         ids = list(range(3, 19))
         logits = variant.logits(ids)
-        assert logits.shape == (len(ids), original.config.vocab_size) and bool(torch.isfinite(torch.from_numpy(logits)).all())
+        assert logits.shape == (len(ids), original.config.vocab_size)
+        assert bool(torch.isfinite(torch.from_numpy(logits)).all())
         tokens = list(variant.generate(ids, 4))
         assert len(tokens) == 4 and all(0 <= t < original.config.vocab_size for t in tokens)
         footprint = variant.footprint()
@@ -230,10 +234,12 @@ def _preset(*variants: dict) -> dict:
 
 BAD_OPTIONS = [
     ("sparsity one", {"method": "magnitude", "options": {"sparsity": 1.0}}, "sparsity must be in [0, 1): got 1.0"),
-    ("sparsity negative", {"method": "magnitude", "options": {"sparsity": -0.1}}, "sparsity must be in [0, 1): got -0.1"),
+    ("sparsity negative", {"method": "magnitude", "options": {"sparsity": -0.1}},
+     "sparsity must be in [0, 1): got -0.1"),
     ("k one", {"method": "kmeans", "options": {"k": 1}}, "k must be at least 2 (got 1)"),
     ("k too big", {"method": "kmeans", "options": {"k": 300}}, "k must be at most 256 (got 300)"),
-    ("rank and energy", {"method": "lowrank", "options": {"rank": 8, "energy": 0.9}}, "give either rank (8) or energy (0.9), not both"),
+    ("rank and energy", {"method": "lowrank", "options": {"rank": 8, "energy": 0.9}},
+     "give either rank (8) or energy (0.9), not both"),
     ("nothing to remove", {"method": "structured", "options": {"mlp_fraction": 0}}, "nothing would be removed"),
 ]
 
@@ -255,6 +261,18 @@ def test_rank_above_a_layer_names_its_max_rank(tiny_model_dir: Path, tmp_path: P
 def test_structured_fraction_that_removes_everything_says_the_max(tiny_model_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(WorkbenchError, match=r"would remove all 2 KV-head groups.*at most 0\.5 \(1 of 2\)"):
         build("structured", tiny_model_dir, tmp_path / "out", {"mlp_fraction": 0, "heads_fraction": 0.9})
+
+
+def test_custom_loader_refuses_tensors_that_do_not_fit(tiny_model_dir: Path, tmp_path: Path) -> None:
+    import json
+
+    folder = build("lowrank", tiny_model_dir, tmp_path / "out", {"rank": 8})
+    details = json.loads((folder / "workbench_loader.json").read_text())
+    details["ranks"].pop("model.layers.0.mlp.up_proj")  # the loader would build a plain Linear there
+    (folder / "workbench_loader.json").write_text(json.dumps(details))
+    with pytest.raises(WorkbenchError, match=r"missing: model\.layers\.0\.mlp\.up_proj\.weight; unexpected: "
+                                             r"model\.layers\.0\.mlp\.up_proj\.expand\.weight"):
+        load_variant("torch", name="x", artifact_path=folder, device="cpu", threads=1)
 
 
 def test_tied_head_is_not_compressed_on_request(tiny_tied_dir: Path, tmp_path: Path) -> None:

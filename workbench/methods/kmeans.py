@@ -3,8 +3,9 @@
 Each weight matrix is clustered in 1-D with scikit-learn's KMeans, fitted on a random subsample (plus
 the layer's largest weights) for speed, then refined by one Lloyd step over all the layer's values.
 The folder stores, per layer, the codebook (k floats) and one ceil(log2 k)-bit index per weight, plus
-the untouched tensors (embeddings, norms): its size is the real compressed size. Loading rebuilds dense float weights as codebook[indices], so
-the matmuls run in float32 (honesty "simulated": smaller on disk, not faster or smaller in memory).
+the untouched tensors (embeddings, norms): its size is the real compressed size. Loading rebuilds dense
+float weights as codebook[indices], so the matmuls run in float32 (honesty "simulated": smaller on disk,
+not faster or smaller in memory).
 
     variants: [{name: km16, method: kmeans, options: {k: 16}}]
 """
@@ -26,11 +27,13 @@ WEIGHTS_FILE = "kmeans.safetensors"
 
 class KMeansOptions(MethodOptions):
     k: int = Field(
-        64, description="Clusters (distinct values) per layer, 2 to 256; each weight is stored as a ceil(log2 k)-bit index."
+        64, description="Clusters (distinct values) per layer, 2 to 256; each weight is stored as a ceil(log2 k)-bit "
+        "index.",
     )
-    seed: int = Field(0, description="Seed for the subsample and the k-means++ initialisation (reproducible codebooks).")
+    seed: int = Field(0, description="Seed for the subsample and the k-means++ initialisation (reproducible).")
     sample_size: int = Field(
-        16384, gt=0, description="k-means is fitted on at most this many random values per layer (then all are assigned)."
+        16384, gt=0, description="k-means is fitted on at most this many random values per layer (then all are "
+        "assigned).",
     )
     outliers: int = Field(
         256, ge=0,
@@ -47,7 +50,9 @@ class KMeansOptions(MethodOptions):
     @classmethod
     def _k_range(cls, value: int) -> int:
         if value < 2:
-            raise ValueError(f"k must be at least 2 (got {value}): one cluster would replace a whole layer by one value")
+            raise ValueError(
+                f"k must be at least 2 (got {value}): one cluster would replace a whole layer by one value"
+            )
         if value > 256:
             raise ValueError(f"k must be at most 256 (got {value}): cluster indices are stored in at most 8 bits")
         return value
@@ -76,16 +81,29 @@ def pack(indices: Any, bits: int) -> Any:
 
 
 def unpack(packed: Any, bits: int, count: int) -> Any:
-    """The inverse of `pack`: `count` uint8 indices."""
+    """The inverse of `pack`: `count` uint8 indices.
+
+    Vectorised per group of lcm(bits, 8) bits (whole bytes holding whole indices, e.g. 3 bytes = 4 six-bit
+    indices): 5-10x faster than np.unpackbits, which matters because a load unpacks every clustered weight.
+    """
+    import math
+
     import numpy as np
     import torch
 
     if bits == 8:
         return packed[:count]
-    planes = np.unpackbits(packed.numpy())[: count * bits].reshape(count, bits)
-    full = np.zeros((count, 8), dtype=np.uint8)
-    full[:, 8 - bits:] = planes
-    return torch.from_numpy(np.packbits(full, axis=1).ravel())
+    group_bits = bits * 8 // math.gcd(bits, 8)
+    per_group, group_bytes = group_bits // bits, group_bits // 8
+    data = packed.numpy()
+    groups = -(-len(data) // group_bytes)
+    data = np.concatenate([data, np.zeros(groups * group_bytes - len(data), np.uint8)]).reshape(groups, group_bytes)
+    word = np.zeros(groups, np.uint64)
+    for column in range(group_bytes):  # big-endian, as np.packbits wrote them
+        word = (word << np.uint64(8)) | data[:, column].astype(np.uint64)
+    mask = np.uint64((1 << bits) - 1)
+    out = np.stack([(word >> np.uint64(bits * (per_group - 1 - i))) & mask for i in range(per_group)], axis=1)
+    return torch.from_numpy(out.reshape(-1)[:count].astype(np.uint8))
 
 
 def _assign(values: Any, centers: Any) -> Any:
@@ -111,7 +129,8 @@ def cluster(weight: Any, options: KMeansOptions, dtype: Any) -> tuple[Any, Any]:
         # SmolLM2-135M, k=16: perplexity 26000 without, 42 with the 256 largest in the sample).
         sample = np.concatenate([sample, array[np.argpartition(np.abs(array), -options.outliers)[-options.outliers:]]])
     clusters = min(options.k, len(np.unique(sample)))  # a layer with few distinct values (e.g. pruned) needs fewer
-    fit = SkKMeans(n_clusters=clusters, n_init=1, random_state=options.seed).fit(sample.reshape(-1, 1).astype(np.float64))
+    fit = SkKMeans(n_clusters=clusters, n_init=1, random_state=options.seed)
+    fit.fit(sample.reshape(-1, 1).astype(np.float64))
     # Round to the stored dtype before assigning, so each weight maps to its nearest *stored* value.
     centers = torch.from_numpy(np.sort(fit.cluster_centers_.ravel())).to(dtype).float()
     # One Lloyd step over every value: the subsample's centres moved to the mean of all weights they hold.
@@ -125,7 +144,7 @@ def cluster(weight: Any, options: KMeansOptions, dtype: Any) -> tuple[Any, Any]:
 
 class KMeans(Method):
     name = "kmeans"
-    summary = "k-means weight sharing: k values per layer, stored as codebook + log2(k)-bit indices; dequantized to run."
+    summary = "k-means weight sharing: k values per layer, stored as codebook + log2(k)-bit indices; runs dequantized."
     Options = KMeansOptions
     honesty = "simulated"
     accepts = frozenset({"hf"})
@@ -161,7 +180,8 @@ class KMeans(Method):
                             index_bits=bits)
         shared = sum(m.weight.numel() for _, m in layers)
         write_report(out_dir, {
-            "k": options.k, "index_bits": bits, "codebook_dtype": options.codebook_dtype, "clustered_layers": len(rows),
+            "k": options.k, "index_bits": bits, "codebook_dtype": options.codebook_dtype,
+            "clustered_layers": len(rows),
             "clustered_weights": shared, "bits_per_clustered_weight":
                 (bits * shared + sum(r["clusters"] for r in rows) * dtype.itemsize * 8) / shared,
             "mean_relative_error": sum(r["relative_error"] for r in rows) / len(rows), "layers": rows,
@@ -172,17 +192,24 @@ def load_model(folder: Path, device: str, trust_remote_code: bool) -> Any:
     """The model with every clustered weight rebuilt densely as codebook[indices] (float32)."""
     import json
 
-    from safetensors.torch import load_file
+    import torch
+    from safetensors import safe_open
 
     from workbench.methods.base import LOADER_FILE
 
     details = json.loads((Path(folder) / LOADER_FILE).read_text())
     model = model_from_config(folder, trust_remote_code)
-    tensors = load_file(str(Path(folder) / details["weights"]))
-    for name in details["clustered"]:
-        shape = model.get_submodule(name).weight.shape
-        codebook = tensors.pop(f"{name}.weight.codebook").float()
-        indices = unpack(tensors.pop(f"{name}.weight.indices"), details["index_bits"], shape.numel())
-        tensors[f"{name}.weight"] = codebook[indices.long()].view(shape)
-    load_tensors(model, tensors)
+    clustered = {f"{name}.weight" for name in details["clustered"]}
+    with safe_open(str(Path(folder) / details["weights"]), "pt") as stored:
+        plain = [key for key in stored.keys() if not key.endswith((".weight.codebook", ".weight.indices"))]
+
+        def tensor(key: str) -> Any:  # one layer at a time, so loading never holds two copies of the model
+            if key not in clustered:
+                return stored.get_tensor(key)
+            shape = model.get_parameter(key).shape
+            indices = unpack(stored.get_tensor(f"{key}.indices"), details["index_bits"], shape.numel())
+            codebook = stored.get_tensor(f"{key}.codebook").float().numpy()
+            return torch.from_numpy(codebook[indices.numpy()]).view(shape)  # numpy gathers by uint8 directly
+
+        load_tensors(model, plain + sorted(clustered), tensor, folder)
     return model.to(device).eval()

@@ -29,7 +29,9 @@ DEFAULT_ENERGY = 0.95
 
 
 class LowRankOptions(MethodOptions):
-    rank: int | None = Field(None, gt=0, description="Rank r of every factorised layer (give rank or energy, not both).")
+    rank: int | None = Field(
+        None, gt=0, description="Rank r of every factorised layer (give rank or energy, not both)."
+    )
     energy: float | None = Field(
         None, gt=0, le=1,
         description=f"Per layer, the smallest rank keeping this fraction of sum(singular values^2), in (0, 1] "
@@ -182,12 +184,13 @@ def load_model(folder: Path, device: str, trust_remote_code: bool) -> Any:
     """Rebuild the model from its config, swap in factors of the recorded ranks, then load every tensor strictly."""
     import json
 
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     from workbench.methods.base import LOADER_FILE
 
     details = json.loads((Path(folder) / LOADER_FILE).read_text())
     model = model_from_config(folder, trust_remote_code)
     replace_with_factors(model, details["ranks"])
-    load_tensors(model, load_file(str(Path(folder) / details["weights"])))
+    with safe_open(str(Path(folder) / details["weights"]), "pt") as stored:
+        load_tensors(model, list(stored.keys()), stored.get_tensor, folder)
     return model.to(device).eval()

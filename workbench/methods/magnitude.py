@@ -16,12 +16,12 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from workbench.methods.base import BuildContext, Method, MethodOptions
-from workbench.methods.weights import (INCLUDE_LM_HEAD, TARGETS, Targets, load_float_model, save_tokenizer,
+from workbench.methods.weights import (INCLUDE_LM_HEAD, TARGETS, Targets, load_float_model, save_hf,
                                        target_linears, write_report)
 
 
 class MagnitudeOptions(MethodOptions):
-    sparsity: float = Field(0.5, description="Fraction of each targeted weight set to zero, in [0, 1).")
+    sparsity: float = Field(0.3, description="Fraction of each targeted weight set to zero, in [0, 1).")
     scope: Literal["layer", "global"] = Field(
         "layer",
         description="'layer': every targeted layer loses the same fraction; 'global': one magnitude threshold "
@@ -71,8 +71,7 @@ class Magnitude(Method):
                 zeros = elements - int(torch.count_nonzero(module.weight))
                 zeros_total, elements_total = zeros_total + zeros, elements_total + elements
                 rows.append({"name": name, "sparsity": zeros / elements, "elements": elements})
-        model.save_pretrained(out_dir)
-        save_tokenizer(input_dir, out_dir, ctx)
+        save_hf(model, input_dir, out_dir, ctx)
         write_report(out_dir, {
             "scope": options.scope, "target_sparsity": options.sparsity,
             "achieved_sparsity": zeros_total / elements_total, "pruned_layers": len(rows),

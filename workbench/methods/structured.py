@@ -3,7 +3,8 @@
 Every decoder layer loses the same number of channels / groups, so the result is an ordinary, smaller
 model of the same architecture: `intermediate_size`, `num_attention_heads` and `num_key_value_heads`
 shrink in config.json and transformers loads it natively (honesty "real-kernel": fewer parameters,
-fewer FLOPs). No retraining, so quality drops quickly with the fraction removed.
+fewer FLOPs). Channels are ranked by their activations on calibration text times their output weights
+(or, data-free, by weight norms). No retraining, so quality drops quickly with the fraction removed.
 
     variants: [{name: mlp25, method: structured, options: {mlp_fraction: 0.25}}]
 """
@@ -17,7 +18,7 @@ from pydantic import Field, model_validator
 
 from workbench.errors import WorkbenchError
 from workbench.methods.base import BuildContext, Method, MethodOptions
-from workbench.methods.weights import load_float_model, save_tokenizer, write_report
+from workbench.methods.weights import load_float_model, save_hf, write_report
 
 
 class StructuredOptions(MethodOptions):
@@ -29,8 +30,14 @@ class StructuredOptions(MethodOptions):
         description="Fraction of KV-head groups removed in every layer (a KV head together with all query heads "
         "that share it); rounded to whole groups.",
     )
-    importance: Literal["l2", "l1"] = Field(
-        "l2", description="Channel score: product of the L2 (or L1) norms of its weight rows/columns; lowest go."
+    importance: Literal["activation", "l2", "l1"] = Field(
+        "activation",
+        description="How channels / groups are scored (lowest go): 'activation' = RMS of the channel's activation on "
+        "calibration text x L2 norm of its output weights; 'l2' / 'l1' = product of the norms of its weight rows and "
+        "columns (data-free; on SmolLM2-135M it removes a few channels the model depends on).",
+    )
+    calibration_tokens: int = Field(
+        2048, gt=0, description="Tokens of calibration text (disjoint from the eval text) for importance 'activation'."
     )
 
     @model_validator(mode="after")
@@ -72,12 +79,41 @@ def _removed_count(fraction: float, total: int, what: str, option: str) -> int:
     return count
 
 
-def prune_mlp(mlp: Any, keep_count: int, importance: str) -> float:
+def activation_norms(model: Any, layers: Any, tokens: list[int], attention: bool) -> list[dict[str, Any]]:
+    """Per layer, the L2 norm over calibration tokens of each input feature of down_proj (and of o_proj)."""
+    import torch
+
+    sums: list[dict[str, Any]] = [{} for _ in layers]
+
+    def hook(index: int, key: str) -> Any:
+        def record(_module: Any, args: tuple) -> None:
+            squares = args[0].detach().float().reshape(-1, args[0].shape[-1]).pow(2).sum(0)
+            sums[index][key] = sums[index].get(key, 0) + squares
+        return record
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i, "mlp")) for i, layer in enumerate(layers)]
+    if attention:
+        handles += [layer.self_attn.o_proj.register_forward_pre_hook(hook(i, "attn")) for i, layer in enumerate(layers)]
+    try:
+        window = min(512, getattr(model.config, "max_position_embeddings", 512) or 512)
+        with torch.no_grad():
+            for start in range(0, len(tokens), window):
+                model(input_ids=torch.tensor([tokens[start : start + window]]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [{key: value.sqrt() for key, value in layer.items()} for layer in sums]
+
+
+def prune_mlp(mlp: Any, keep_count: int, importance: str, activations: Any = None) -> float:
     """Keep the `keep_count` most important channels of a gated MLP; return the share of importance kept."""
     import torch
 
     gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-    score = _norm(gate.weight, 1, importance) * _norm(up.weight, 1, importance) * _norm(down.weight, 0, importance)
+    if importance == "activation":  # what the channel actually writes: |activation| x |its down_proj column|
+        score = activations * down.weight.norm(dim=0)
+    else:
+        score = _norm(gate.weight, 1, importance) * _norm(up.weight, 1, importance) * _norm(down.weight, 0, importance)
     keep = torch.topk(score, keep_count).indices.sort().values
     mlp.gate_proj = _linear(gate, gate.weight[keep], None if gate.bias is None else gate.bias[keep])
     mlp.up_proj = _linear(up, up.weight[keep], None if up.bias is None else up.bias[keep])
@@ -85,7 +121,8 @@ def prune_mlp(mlp: Any, keep_count: int, importance: str) -> float:
     return float(score[keep].sum() / score.sum())
 
 
-def prune_kv_groups(attn: Any, heads: int, kv_heads: int, head_dim: int, remove: int, importance: str) -> list[int]:
+def prune_kv_groups(attn: Any, heads: int, kv_heads: int, head_dim: int, remove: int, importance: str,
+                    activations: Any = None) -> list[int]:
     """Drop the `remove` least important KV groups (k/v rows, their query heads' q rows and o columns)."""
     import torch
 
@@ -95,8 +132,12 @@ def prune_kv_groups(attn: Any, heads: int, kv_heads: int, head_dim: int, remove:
     v = attn.v_proj.weight.view(kv_heads, head_dim, -1)
     o = attn.o_proj.weight.view(attn.o_proj.weight.shape[0], kv_heads, per_group * head_dim)
     flat = lambda w: w.reshape(w.shape[0], -1)  # noqa: E731  one row per group
-    score = (_norm(flat(q), 1, importance) * _norm(flat(k), 1, importance) * _norm(flat(v), 1, importance)
-             * _norm(o.transpose(0, 1).reshape(kv_heads, -1), 1, importance))
+    o_groups = o.transpose(0, 1).reshape(kv_heads, -1)
+    if importance == "activation":  # the group's attention output (o_proj input) x its o_proj columns
+        score = activations.view(kv_heads, -1).norm(dim=1) * o_groups.norm(dim=1)
+    else:
+        score = (_norm(flat(q), 1, importance) * _norm(flat(k), 1, importance) * _norm(flat(v), 1, importance)
+                 * _norm(o_groups, 1, importance))
     dropped = torch.topk(score, remove, largest=False).indices.sort().values.tolist()
     groups = [g for g in range(kv_heads) if g not in dropped]
 
@@ -144,6 +185,17 @@ class Structured(Method):
             if options.mlp_fraction else 0
         kv_remove = _removed_count(options.heads_fraction, kv_heads, "KV-head groups", "heads_fraction") \
             if options.heads_fraction else 0
+        norms: list[dict[str, Any]] = [{} for _ in layers]
+        if options.importance == "activation":
+            from transformers import AutoTokenizer
+
+            from workbench.evaltext import pydoc_calibration_text
+
+            tokenizer = AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code)
+            tokens = tokenizer(pydoc_calibration_text(), add_special_tokens=False)["input_ids"]
+            tokens = tokens[: options.calibration_tokens]
+            ctx.emit(f"measuring channel activations on {len(tokens)} calibration tokens")
+            norms = activation_norms(model, layers, tokens, attention=kv_remove > 0)
         ctx.emit(f"removing {mlp_remove} MLP channels and {kv_remove} KV-head groups per layer")
         report_layers = []
         with torch.no_grad():
@@ -151,10 +203,10 @@ class Structured(Method):
                 row: dict[str, Any] = {"layer": index}
                 if mlp_remove:
                     row["mlp_importance_kept"] = prune_mlp(layer.mlp, config.intermediate_size - mlp_remove,
-                                                           options.importance)
+                                                           options.importance, norms[index].get("mlp"))
                 if kv_remove:
                     row["kv_groups_removed"] = prune_kv_groups(layer.self_attn, heads, kv_heads, head_dim,
-                                                               kv_remove, options.importance)
+                                                               kv_remove, options.importance, norms[index].get("attn"))
                 report_layers.append(row)
         config.intermediate_size -= mlp_remove
         if kv_remove:
@@ -162,13 +214,13 @@ class Structured(Method):
             config.num_attention_heads = heads - kv_remove * (heads // kv_heads)
             config.num_key_value_heads = kv_heads - kv_remove
         after = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(out_dir)
-        save_tokenizer(input_dir, out_dir, ctx)
+        save_hf(model, input_dir, out_dir, ctx)
         write_report(out_dir, {
             "mlp_channels_removed_per_layer": mlp_remove, "intermediate_size": config.intermediate_size,
             "kv_groups_removed_per_layer": kv_remove, "num_attention_heads": config.num_attention_heads,
             "num_key_value_heads": config.num_key_value_heads, "head_dim": head_dim,
-            "importance": options.importance, "parameters_before": before, "parameters_after": after,
+            "importance": options.importance, "calibration_tokens": options.calibration_tokens
+            if options.importance == "activation" else None, "parameters_before": before, "parameters_after": after,
             "layers": report_layers,
         })
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from pydantic import Field
 
@@ -101,14 +101,25 @@ def save_config(model: Any, out_dir: Path) -> None:
         model.generation_config.save_pretrained(out_dir)
 
 
-def plain_state(model: Any, input_dir: Path) -> dict[str, "torch.Tensor"]:
-    """The model's state, one name per storage (safetensors refuses tied tensors that share memory), with
-    float tensors in the dtype the input folder stored them in (a bf16 input is not stored back as fp32)."""
+def input_dtype(input_dir: Path) -> Any:
+    """The torch dtype the input folder stores its weights in (float32 when the config does not say)."""
     import torch
 
     from workbench.methods.dtypes import stored_dtype
 
-    dtype = getattr(torch, stored_dtype(Path(input_dir)) or "float32", torch.float32)
+    return getattr(torch, stored_dtype(Path(input_dir)) or "float32", torch.float32)
+
+
+def save_hf(model: Any, input_dir: Path, out_dir: Path, ctx: BuildContext) -> None:
+    """A plain transformers folder in the input's dtype (a bf16 input is not stored back as fp32) + tokenizer."""
+    model.to(input_dtype(input_dir)).save_pretrained(out_dir)
+    save_tokenizer(input_dir, out_dir, ctx)
+
+
+def plain_state(model: Any, input_dir: Path) -> dict[str, "torch.Tensor"]:
+    """The model's state, one name per storage (safetensors refuses tied tensors that share memory), with
+    float tensors in the dtype the input folder stored them in (a bf16 input is not stored back as fp32)."""
+    dtype = input_dtype(input_dir)
     seen: set[int] = set()
     state = {}
     for name, tensor in model.state_dict().items():
@@ -143,20 +154,34 @@ def model_from_config(folder: Path, trust_remote_code: bool) -> Any:
     return model
 
 
-def load_tensors(model: Any, tensors: dict[str, "torch.Tensor"]) -> None:
-    """Load a full state dict strictly; names saved once because they are tied share the saved tensor."""
+def load_tensors(model: Any, names: list[str], tensor: Callable[[str], Any], folder: Path) -> None:
+    """Put every stored tensor into the model (`tensor(name)` reads one), checking strictly that stored and
+    expected names match; a name stored once because it is tied takes the tensor of its twin."""
     state = model.state_dict()
-    by_storage: dict[int, list[str]] = {}
-    for name, tensor in state.items():
-        by_storage.setdefault(tensor.data_ptr(), []).append(name)
-    tensors = dict(tensors)
-    for names in by_storage.values():
-        present = [n for n in names if n in tensors]
-        for name in names:
-            if name not in tensors and present:
-                tensors[name] = tensors[present[0]]
-    # load_state_dict copies into the float32 parameters, converting bf16 / fp16 storage on the way.
-    model.load_state_dict(tensors, strict=True)
+    stored = set(names)
+    by_storage: dict[int, set[str]] = {}
+    for name, value in state.items():
+        by_storage.setdefault(value.data_ptr(), set()).add(name)
+    missing = sorted(n for n in state if n not in stored and not (by_storage[state[n].data_ptr()] & stored))
+    unexpected = sorted(stored - set(state))
+    if missing or unexpected:
+        raise WorkbenchError(
+            f"{folder}: the stored tensors do not fit the model its config describes (missing: "
+            f"{', '.join(missing[:5]) or 'none'}; unexpected: {', '.join(unexpected[:5]) or 'none'}); "
+            "rebuild the artifact"
+        )
+    loaded = {}
+    for name in names:
+        value = tensor(name)
+        loaded[name] = value.to(state[name].dtype)  # bf16 / fp16 storage becomes the model's float32
+    for name in state:
+        if name not in loaded:
+            loaded[name] = loaded[sorted(by_storage[state[name].data_ptr()] & stored)[0]]
+    # assign=True adopts the loaded tensors instead of copying into the (never touched) allocated ones:
+    # half the memory traffic, and a load about as fast as from_pretrained's.
+    model.load_state_dict(loaded, strict=True, assign=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # assign replaced the shared parameter in each module separately
 
 
 def write_report(out_dir: Path, report: dict) -> None:

@@ -174,6 +174,51 @@ METHOD_CASES = [
 ]
 
 
+def _compressed_tensors_config(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "config.json").read_text())["quantization_config"]
+
+
+def check_packed_int4(built: Built) -> None:
+    config = _compressed_tensors_config(built.folder)
+    weights = config["config_groups"]["group_0"]["weights"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    assert weights["num_bits"] == 4 and weights["group_size"] == 32
+    from safetensors import safe_open
+
+    with safe_open(str(next(built.folder.glob("*.safetensors"))), "pt") as tensors:
+        packed = [k for k in tensors.keys() if k.endswith("weight_packed")]
+        assert len(packed) == 2 * 7 and tensors.get_tensor(packed[0]).dtype == torch.int32  # 8 int4 values per int32
+    assert _folder_bytes(built.folder) < _folder_bytes(built.source)  # the packed checkpoint is smaller than fp32
+
+
+def check_half_zeros_per_layer(built: Built) -> None:
+    for name, weight in _decoder_linears(built.model).items():
+        assert abs(int((weight == 0).sum()) / weight.numel() - 0.5) < 0.02, name
+
+
+def check_two_of_four(built: Built) -> None:
+    for name, weight in _decoder_linears(built.model).items():
+        groups = (weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1)  # consecutive input columns, per row
+        assert int(groups.min()) >= 2, name
+
+
+_CALIBRATION = {"samples": 4, "seq_len": 64}
+METHOD_CASES += [
+    Case("gptq-w4g32", "gptq", {"bits": 4, "group_size": 32, "calibration": _CALIBRATION}, check_packed_int4,
+         requires="llmcompressor"),
+    Case("awq-w4g32", "awq", {"bits": 4, "group_size": 32, "calibration": _CALIBRATION}, check_packed_int4,
+         requires="llmcompressor"),
+    Case("wanda-50", "wanda", {"sparsity": 0.5, "calibration": _CALIBRATION}, check_half_zeros_per_layer,
+         requires="llmcompressor"),
+    Case("sparsegpt-2of4", "sparsegpt", {"mask": "2:4", "calibration": _CALIBRATION}, check_two_of_four,
+         requires="llmcompressor"),
+    Case("wanda-2of4", "wanda", {"mask": "2:4", "calibration": _CALIBRATION}, check_two_of_four,
+         requires="llmcompressor"),
+]
+
+
 @pytest.fixture(scope="module")
 def tiny_tied_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama with lm_head tied to the embeddings, as SmolLM2 has it."""

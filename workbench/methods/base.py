@@ -30,6 +30,13 @@ class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_sparsity(value: float) -> float:
+    """Shared by every pruning method's `sparsity` option: a fraction of weights that leaves some behind."""
+    if not 0 <= value < 1:
+        raise ValueError(f"sparsity must be in [0, 1): got {value}")
+    return value
+
+
 class NoOptions(MethodOptions):
     pass
 

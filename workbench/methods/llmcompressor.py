@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 
 from workbench.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
-from workbench.methods.base import BuildContext, Method, MethodOptions
+from workbench.methods.base import BuildContext, Method, MethodOptions, check_sparsity
 
 _CANDIDATE_GROUPS = (16, 32, 64, 128, 256)
 
@@ -57,9 +57,7 @@ class SparsityOptions(_Calibrated):
     @field_validator("sparsity")
     @classmethod
     def _fraction(cls, value: float) -> float:
-        if not 0 <= value < 1:
-            raise ValueError(f"sparsity must be in [0, 1): got {value}")
-        return value
+        return check_sparsity(value)
 
     @field_validator("mask")
     @classmethod

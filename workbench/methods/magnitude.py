@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from workbench.methods.base import BuildContext, Method, MethodOptions
+from workbench.methods.base import BuildContext, Method, MethodOptions, check_sparsity
 from workbench.methods.weights import (INCLUDE_LM_HEAD, TARGETS, Targets, load_float_model, save_hf,
                                        target_linears, write_report)
 
@@ -34,9 +34,7 @@ class MagnitudeOptions(MethodOptions):
     @field_validator("sparsity")
     @classmethod
     def _in_range(cls, value: float) -> float:
-        if not 0 <= value < 1:
-            raise ValueError(f"sparsity must be in [0, 1): got {value}")
-        return value
+        return check_sparsity(value)
 
 
 class Magnitude(Method):

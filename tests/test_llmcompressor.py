@@ -60,6 +60,7 @@ def test_gptq_checkpoint_is_packed_smaller_and_loads_back(bundled_llmc_run) -> N
 def test_wanda_zeroes_half_of_every_targeted_layer(bundled_llmc_run) -> None:
     wanda = _record(bundled_llmc_run, "wanda50")
     assert wanda["status"] == "ok", wanda["error"]
+    import torch
     from safetensors import safe_open
 
     artifact = Path(wanda["artifact_path"])
@@ -69,6 +70,10 @@ def test_wanda_zeroes_half_of_every_targeted_layer(bundled_llmc_run) -> None:
         for key in decoder:  # counted here, independently of the workbench's sparsity metric
             weight = tensors.get_tensor(key)
             assert abs((weight == 0).sum().item() / weight.numel() - 0.5) < 0.01, key
+        embedding = tensors.get_tensor("model.embed_tokens.weight")  # tied to lm_head, which is ignored
+    source = Path(_record(bundled_llmc_run, "fp32")["artifact_path"])
+    with safe_open(str(next(source.glob("*.safetensors"))), "pt") as tensors:
+        assert torch.equal(embedding, tensors.get_tensor("model.embed_tokens.weight"))  # untouched, its own zeros only
     assert wanda["honesty"] == "dense-with-zeros"
     assert 0.3 < wanda["metrics"]["sparsity"] < 0.5  # embeddings and norms are not pruned
 
@@ -82,7 +87,8 @@ def test_export_model_writes_shards_that_transformers_loads(bundled_llmc_run, tm
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*.safetensors"))
     assert len(shards) >= 5 and set(index["weight_map"].values()) == {p.name for p in shards}
-    assert all(p.stat().st_size <= 100 * 10**6 * 1.05 for p in shards)
+    embedding_bytes = 49152 * 576 * 4  # one tensor cannot be split: the 113 MB embedding gets a shard of its own
+    assert all(p.stat().st_size <= max(100 * 10**6, embedding_bytes) * 1.01 for p in shards)
     exported = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     original = AutoModelForCausalLM.from_pretrained(_record(bundled_llmc_run, "fp32")["artifact_path"], dtype=torch.float32)
     ids = torch.tensor([[1, 520, 2, 900, 33]])

@@ -50,6 +50,10 @@ class AWQOptions(QuantOptions):
 
 
 class SparsityOptions(_Calibrated):
+    # SparseGPT / Wanda name a target's own module "<name>." internally, so a plain "lm_head" never matches
+    # (a tied lm_head would prune the embeddings too); llm-compressor's own advice is this pattern.
+    ignore: list[str] = Field(default_factory=lambda: ["re:.*lm_head"],
+                              description="Modules left untouched (names or 're:' patterns, as llm-compressor takes them).")
     sparsity: float = Field(0.5, description="Fraction of each targeted layer's weights set to zero, in [0, 1).")
     mask: str = Field("unstructured", description="'unstructured' or an N:M pattern such as '2:4' "
                                                   "(N zeros in every M consecutive weights; 2:4 means 50 %).")

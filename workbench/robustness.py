@@ -21,7 +21,9 @@ def _without_calibration(stages: list[dict]) -> str:
 
 
 def _stages(preset: dict, name: str) -> list[dict]:
-    spec = next(v for v in preset["variants"] if v["name"] == name)
+    spec = next((v for v in preset.get("variants", []) if v["name"] == name), None)
+    if spec is None:  # a record whose preset entry is gone (an edited document): nothing to group by
+        return []
     return spec.get("pipeline") or [{"method": spec["method"], "options": spec.get("options") or {}}]
 
 

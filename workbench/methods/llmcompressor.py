@@ -140,7 +140,8 @@ class _LLMCompressorMethod(Method):
         if isinstance(options, QuantOptions):
             check_group_size(linear_input_widths(model, options.ignore), options.group_size)
         ctx.emit(f"{self.name}: calibrating on {len(sequences)} x {options.calibration.seq_len} tokens")
-        _oneshot(model, tokenizer, sequences, self.recipe(options))
+        recipe = self.recipe(options)
+        _oneshot(model, tokenizer, sequences, recipe)
         # Quantized: the packed compressed-tensors checkpoint. Pruned: dense weights with exact zeros,
         # so the result stays a plain transformers folder that another stage (gguf, bnb) can take.
         model.save_pretrained(out_dir, save_compressed=self.saves_compressed)
@@ -148,7 +149,7 @@ class _LLMCompressorMethod(Method):
         if not self.saves_compressed:
             _drop_compression_config(out_dir)
         (out_dir / "stage_report.json").write_text(json.dumps({
-            "calibration": describe(options.calibration), "recipe": [type(m).__name__ for m in self.recipe(options)],
+            "calibration": describe(options.calibration), "recipe": [type(m).__name__ for m in recipe],
         }))
 
 

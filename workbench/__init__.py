@@ -11,4 +11,4 @@ methods and runtimes that need them.
 __version__ = "0.1.0"
 
 # Bumped when the on-disk layout of cached artifacts changes, so old cache entries are not reused.
-ARTIFACT_FORMAT = 2  # bumped when a method's output changes for the same options (issue-6 method fixes)
+ARTIFACT_FORMAT = 3  # bumped when a method's output changes for the same options, so older cached artifacts are rebuilt

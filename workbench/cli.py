@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     selfcheck = commands.add_parser("selfcheck", help="recompute reference figures by independent code paths")
     selfcheck.add_argument("--tokens", type=int, default=1024, help="eval tokens scored (a prefix of the pydoc text)")
+    selfcheck.add_argument("--model", help="check this model (hub id, HF folder or .gguf file) instead of the bundled one")
+    selfcheck.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     selfcheck.add_argument("--full", action="store_true",
                            help="also run the gpt2-large WikiText-2 check on a CPU (hours; it runs on a GPU anyway)")
 
@@ -127,6 +129,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if result["model"].get("note"):
         print(f"note: {result['model']['note']}")
     print(format_table(result))
+    from workbench.validity import flags_text
+
+    if flags_text(result):
+        print(flags_text(result))
     print(protocol_summary(result))
     from workbench.planner import estimate_vs_actual
     from workbench.roofline import roofline_text
@@ -221,7 +227,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_selfcheck(args: argparse.Namespace) -> int:
     from workbench.selfcheck import run_selfcheck
 
-    checks = run_selfcheck(tokens=args.tokens, full=args.full, emit=lambda m: print(m, file=sys.stderr))
+    checks = run_selfcheck(tokens=args.tokens, full=args.full, emit=lambda m: print(m, file=sys.stderr), model=args.model,
+                           trust_remote_code=args.trust_remote_code)
     for check in checks:
         print(check.line())
     failed = [c for c in checks if c.status == "FAIL"]

@@ -64,3 +64,12 @@ def gguf_field(reader: Any, name: str) -> Any:
         return None
     data = value.parts[value.data[0]]
     return bytes(data).decode() if value.types and value.types[0] == gguf.GGUFValueType.STRING else data.tolist()[0]
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """Every scalar and string key-value of a GGUF file (arrays such as the vocabulary left out)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    return {name: gguf_field(reader, name) for name, field in reader.fields.items()
+            if field.types and field.types[0] != gguf.GGUFValueType.ARRAY and not name.startswith("GGUF.")}

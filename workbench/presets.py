@@ -37,6 +37,11 @@ class EvalSpec(StrictModel):
     max_tokens: int = Field(4096, gt=0, description="Tokens of evaluation text scored (truncated to this).")
     context: int = Field(512, gt=1, description="Window length in tokens for perplexity and KLD.")
     stride: int = Field(512, gt=0, description="Step between windows; < context overlaps windows.")
+    bos: bool | None = Field(
+        None,
+        description="Start every window, latency prompt and lm-eval request with BOS. Unset: as the model's metadata "
+        "says (GGUF tokenizer.ggml.add_bos_token, or whether the tokenizer adds BOS), as llama.cpp's perplexity does.",
+    )
 
     @model_validator(mode="after")
     def _stride_fits(self) -> "EvalSpec":

@@ -35,17 +35,38 @@ def _child(target: str, payload: Any, conn: Any, log_path: str) -> None:
     os.dup2(log, 2)
     sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    last_step = ["starting"]
+
+    def emit(message: str) -> None:
+        last_step[0] = message
+        conn.send(("event", message))
+
     try:
         module_name, attr = target.split(":")
         function = getattr(importlib.import_module(module_name), attr)
-        result = function(payload, lambda message: conn.send(("event", message)))
+        result = function(payload, emit)
         conn.send(("result", result))
     except BaseException as exc:  # everything becomes a one-line reason for the parent
         traceback.print_exc()
-        message = str(exc) if isinstance(exc, WorkbenchError) else f"{type(exc).__name__}: {exc}"
-        conn.send(("error", message.strip().splitlines()[0] if message.strip() else type(exc).__name__))
+        conn.send(("error", failure_line(exc, last_step[0])))
     finally:
         conn.close()
+
+
+def failure_line(exc: BaseException, step: str) -> str:
+    """One line a user can act on: a WorkbenchError's own message, else the exception's type, its message and
+    the step the worker was in. A bare `assert` has no message, so its code location stands in for one."""
+    if isinstance(exc, WorkbenchError) and str(exc).strip():
+        return str(exc).strip().splitlines()[0]
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if not text:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if frames:
+            last = frames[-1]
+            text = f"no message, raised at {Path(last.filename).name}:{last.lineno} ({(last.line or '').strip()})"
+        else:
+            text = "no message"
+    return f"{type(exc).__name__}: {text} (while {step})"
 
 
 def death_reason(exitcode: int | None) -> str:

@@ -8,6 +8,8 @@ from typing import Any
 
 import pandas as pd
 
+from workbench.validity import display_status, flags_text
+
 MB = 1e6
 
 # (column title, metric name, scale) for the terminal table; units are in the titles.
@@ -29,7 +31,7 @@ TABLE_COLUMNS = (
 def summary_table(run: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for record in run["variants"]:
-        row: dict[str, Any] = {"variant": record["name"], "method": record["method"], "status": record["status"]}
+        row: dict[str, Any] = {"variant": record["name"], "method": record["method"], "status": display_status(record)}
         for title, metric, scale in TABLE_COLUMNS:
             value = record["metrics"].get(metric)
             row[title] = None if value is None else value * scale
@@ -88,7 +90,19 @@ def protocol_summary(run: dict[str, Any]) -> str:
         f"context {protocol['context']}, stride {protocol['stride']}, scored '{protocol['scored']}'. "
         f"Latency: {protocol['prompt_tokens']}-token prompt, {protocol['new_tokens']} greedy tokens, "
         f"median of {protocol['repeats']} after {protocol['warmup']} warm-up. Peak RSS: {protocol['peak_rss']}."
+        + tokenization_summary(protocol)
     )
+
+
+def tokenization_summary(protocol: dict[str, Any]) -> str:
+    """BOS policy and tokenizer checks (validity.py); runs recorded before these checks have none."""
+    if "bos" not in protocol:
+        return ""
+    agreement = protocol.get("tokenizer_agreement")
+    checked = (f"; the GGUF file's own tokenizer reproduces {agreement['matching_fraction']:.1%} of the scored ids"
+               if agreement and agreement.get("matching_fraction") is not None else "")
+    return (f" Tokens: {protocol['bos_detail']}; {protocol['chars_per_token']:.2f} characters per token{checked}; "
+            f"unigram perplexity of the scored ids {protocol['unigram_perplexity']:.4g} (a baseline above it is flagged).")
 
 
 def markdown_table(run: dict[str, Any]) -> str:
@@ -128,6 +142,9 @@ def export_html(run: dict[str, Any], path: Path) -> None:
     spread = f"<pre>{html.escape(robustness_text(groups))}</pre>" if groups else ""
     parts = [figure.to_html(full_html=False, include_plotlyjs=(index == 0)) for index, figure in enumerate(figures.values())]
     note = f"<p><b>Note:</b> {html.escape(run['model']['note'])}</p>" if run["model"].get("note") else ""
+    flagged = flags_text(run)
+    if flagged:
+        note += f"<pre style='color:#a40'>{html.escape(flagged)}</pre>"
     document = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>Squeeze Bench run {run['run_id']}</title></head>"
         f"<body><h1>Squeeze Bench: {html.escape(run['preset']['name'])} on {html.escape(run['model']['source'])}</h1>"

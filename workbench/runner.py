@@ -164,6 +164,7 @@ class Runner:
              "eval_tokens_path": str(self.out_dir / "eval_tokens.json"), "context": preset.eval.context,
              "stride": preset.eval.stride, "latency": preset.latency.model_dump(), "samples": preset.samples.model_dump(),
              "lm_eval": preset.lm_eval.model_dump() if preset.lm_eval else None,
+             "bos_id": prep["validity"]["bos_id"],
              "write_reference": str(reference) if is_baseline else None,
              "reference": str(reference) if baseline_ok and not is_baseline else None},
             f"{spec.name}-measure", spec.name, "measuring", step,
@@ -193,6 +194,9 @@ class Runner:
                                           record["metrics"]["decode_tok_s"])
         if not is_baseline and not baseline_ok:
             record["quality_detail"]["divergence_note"] = "the baseline failed, so KLD / top-1 / delta-p are null"
+        from workbench.validity import sanity_flags
+
+        record["flags"] = sanity_flags(record, is_baseline, prep["validity"])
         return record
 
     def _plan(self, prep: dict, run: dict) -> dict[str, dict]:
@@ -233,7 +237,7 @@ class Runner:
             "workbench.sensitivity:sensitivity_worker",
             {"baseline_dir": base["artifact_path"], "variant_dir": target["artifact_path"], "threads": self.preset.threads,
              "eval_tokens_path": str(self.out_dir / "eval_tokens.json"), "max_tokens": spec.max_tokens,
-             "context": self.preset.eval.context, "stride": self.preset.eval.stride},
+             "context": self.preset.eval.context, "stride": self.preset.eval.stride, "bos_id": prep["validity"]["bos_id"]},
             f"{spec.variant}-sensitivity", spec.variant, "measuring", -1,
         )
         if not outcome.ok:
@@ -264,6 +268,7 @@ class Runner:
             "metrics": {name: None for name in METRIC_NAMES},
             "layers": [],
             "samples": [],
+            "flags": [],
         }
 
     def _run_document(self, prep: dict) -> dict[str, Any]:
@@ -280,6 +285,13 @@ class Runner:
                 "eval_text_detail": prep["eval_text"],
                 "eval_tokens": prep["eval_tokens"],
                 "tokenization": "source tokenizer, no special tokens added; ids in eval_tokens.json",
+                "bos": prep["validity"]["bos"],
+                "bos_detail": (f"BOS (id {prep['validity']['bos_id']}) replaces the first token of every window and "
+                               "latency prompt, and starts every lm-eval request" if prep["validity"]["bos"] else
+                               "no BOS") + f" ({prep['validity']['bos_reason']})",
+                "chars_per_token": prep["validity"]["chars_per_token"],
+                "tokenizer_agreement": prep["validity"]["tokenizer_agreement"],
+                "unigram_perplexity": prep["validity"]["unigram_perplexity"],
                 "context": preset.eval.context,
                 "stride": preset.eval.stride,
                 "scored": scored_label(preset.eval.context, preset.eval.stride),

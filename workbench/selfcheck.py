@@ -1,6 +1,11 @@
 """Recompute reference figures by independent code paths and say pass / FAIL per check, with its tolerance.
 
-    python -m workbench selfcheck [--tokens 1024] [--full]
+    python -m workbench selfcheck [--model M] [--tokens 1024] [--full]
+
+For any model (`--model`, default the bundled one) it first asks "is this model measured correctly here?"
+with the checks a run makes while preparing the source (validity.py): weights complete, tokenizer not
+splitting prose into characters, a GGUF file's tokenizer agreeing with llama.cpp's own, the BOS policy,
+and a baseline perplexity better than the eval text's unigram perplexity. Then:
 
 (a) perplexity of the bundled model's fp32 folder: plain transformers (`model(ids, labels=...)`, windows
     as in the transformers perplexity guide) vs the workbench's TorchVariant + metrics.quality path;
@@ -18,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -72,8 +77,10 @@ def _nll_from_logits(logits: np.ndarray, ids: Sequence[int], begin: int, keep_fr
     return float(nll.sum()), int(mask.sum())
 
 
-def transformers_perplexity(model_dir: Path, ids: Sequence[int], context: int, stride: int) -> float:
-    """The guide's recipe: labels = inputs with already-scored positions set to -100; the model's own loss."""
+def transformers_perplexity(model_dir: Path, ids: Sequence[int], context: int, stride: int,
+                            bos_id: int | None = None) -> float:
+    """The guide's recipe: labels = inputs with already-scored positions set to -100; the model's own loss.
+    With `bos_id`, each window's first input token is BOS (llama-perplexity's rule; that position is never a label)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -81,7 +88,10 @@ def transformers_perplexity(model_dir: Path, ids: Sequence[int], context: int, s
     nll, count = 0.0, 0
     for begin, end, keep in guide_windows(len(ids), context, stride):
         input_ids = torch.tensor([list(ids[begin:end])])
-        labels = input_ids.clone()
+        labels_source = input_ids.clone()
+        if bos_id is not None:
+            input_ids[0, 0] = bos_id
+        labels = labels_source
         labels[0, : keep - begin] = -100
         scored = int((labels[0, 1:] != -100).sum())  # the model shifts labels by one
         with torch.no_grad():
@@ -91,7 +101,8 @@ def transformers_perplexity(model_dir: Path, ids: Sequence[int], context: int, s
     return math.exp(nll / count)
 
 
-def workbench_perplexity(runtime: str, artifact: Path, ids: Sequence[int], context: int, stride: int, threads: int) -> float:
+def workbench_perplexity(runtime: str, artifact: Path, ids: Sequence[int], context: int, stride: int, threads: int,
+                         bos_id: int | None = None) -> float:
     from workbench.metrics.quality import evaluate_quality
     from workbench.runtimes import load_variant
 
@@ -99,22 +110,24 @@ def workbench_perplexity(runtime: str, artifact: Path, ids: Sequence[int], conte
     variant = load_variant(runtime, name="selfcheck", artifact_path=Path(artifact), device="cpu", threads=threads,
                            trust_remote_code=False, **extra)
     try:
-        return float(evaluate_quality(variant.logits, ids, context, stride)["perplexity"])
+        return float(evaluate_quality(variant.logits, ids, context, stride, bos_id=bos_id)["perplexity"])
     finally:
         variant.close()
 
 
 def perplexity_check(model_dir: Path, ids: Sequence[int], context: int, stride: int, threads: int = 2,
-                     candidate: Callable[[], float] | None = None, rel_tol: float = 1e-4) -> Check:
+                     candidate: Callable[[], float] | None = None, rel_tol: float = 1e-4,
+                     bos_id: int | None = None) -> Check:
     """(a): plain transformers vs the workbench's torch path; `candidate` replaces the workbench figure (tests)."""
-    reference = transformers_perplexity(model_dir, ids, context, stride)
-    value = candidate() if candidate else workbench_perplexity("torch", model_dir, ids, context, stride, threads)
+    reference = transformers_perplexity(model_dir, ids, context, stride, bos_id)
+    value = candidate() if candidate else workbench_perplexity("torch", model_dir, ids, context, stride, threads, bos_id)
     return compare("fp32 perplexity: transformers labels/loss vs workbench", reference, value, rel_tol,
                    f"{len(ids)} tokens, context {context}, stride {stride}, each token scored once (transformers "
-                   "guide convention); fp32 on CPU")
+                   f"guide convention), {'BOS first in every window' if bos_id is not None else 'no BOS'}; fp32 on CPU")
 
 
-def llama_eval_perplexities(gguf: Path, ids: Sequence[int], context: int, stride: int, threads: int) -> tuple[float, float, int]:
+def llama_eval_perplexities(gguf: Path, ids: Sequence[int], context: int, stride: int, threads: int,
+                            bos_id: int | None = None) -> tuple[float, float, int]:
     """(guide-window perplexity, llama-perplexity-convention perplexity, its scored tokens) via Llama.eval + scores."""
     from llama_cpp import Llama
 
@@ -128,7 +141,10 @@ def llama_eval_perplexities(gguf: Path, ids: Sequence[int], context: int, stride
 
         nll, count = 0.0, 0
         for begin, end, keep in guide_windows(len(ids), context, stride):
-            part, n = _nll_from_logits(logits(ids[begin:end]), ids, begin, keep)
+            window = list(ids[begin:end])
+            if bos_id is not None:
+                window[0] = bos_id
+            part, n = _nll_from_logits(logits(window), ids, begin, keep)
             nll, count = nll + part, count + n
         guide = math.exp(nll / count)
         # llama-perplexity: non-overlapping chunks of n_ctx, BOS in place of each chunk's first token when the
@@ -146,13 +162,14 @@ def llama_eval_perplexities(gguf: Path, ids: Sequence[int], context: int, stride
         llm.close()
 
 
-def gguf_checks(gguf: Path, hf_dir: Path, ids: Sequence[int], context: int, stride: int, threads: int) -> list[Check]:
+def gguf_checks(gguf: Path, hf_dir: Path, ids: Sequence[int], context: int, stride: int, threads: int,
+                bos_id: int | None = None) -> list[Check]:
     """(b): llama-cpp-python's public eval API vs the workbench's llama.cpp runtime, on the same token ids."""
     import tempfile
 
     from workbench.gguf_info import GGUF_NAME
 
-    guide, convention, count = llama_eval_perplexities(gguf, ids, context, stride, threads)
+    guide, convention, count = llama_eval_perplexities(gguf, ids, context, stride, threads, bos_id)
     with tempfile.TemporaryDirectory() as scratch:  # a llama.cpp artifact folder: the file (linked) + tokenizer
         folder = Path(scratch)
         (folder / GGUF_NAME).symlink_to(Path(gguf).resolve())
@@ -160,7 +177,7 @@ def gguf_checks(gguf: Path, hf_dir: Path, ids: Sequence[int], context: int, stri
         for path in Path(hf_dir).iterdir():  # tokenizer and config files, never the weights
             if path.suffix in (".json", ".jinja", ".txt", ".model") and path.name != "manifest.json":
                 (folder / path.name).symlink_to(path)
-        value = workbench_perplexity("llamacpp", folder, ids, context, stride, threads)
+        value = workbench_perplexity("llamacpp", folder, ids, context, stride, threads, bos_id)
     return [
         compare(f"GGUF {Path(gguf).name} perplexity: Llama.eval + scores vs workbench llama.cpp runtime", guide, value,
                 1e-3, f"{len(ids)} tokens, context {context}, stride {stride}, guide windows, HF token ids; llama.cpp "
@@ -206,25 +223,76 @@ def gpt2_large_check(full: bool, emit: Emit, threads: int) -> Check:
                  f"{len(ids)} tokens (the guide's tokenization: test split joined by blank lines), fp32 on {device}")
 
 
-def run_selfcheck(tokens: int = 1024, full: bool = False, emit: Emit = print, threads: int = 2) -> list[Check]:
-    import torch
+def validity_checks(source: Any, tokens: int, trust_remote_code: bool, emit: Emit) -> tuple[list[Check], Any, list[int]]:
+    """The checks a run makes while preparing this source (validity.py), as pass / FAIL lines.
+
+    Returns the checks, the BOS policy (None when a check failed before it could be decided) and the eval ids."""
     from transformers import AutoTokenizer
 
+    from workbench import validity
+    from workbench.errors import SourceError
     from workbench.evaltext import pydoc_eval_text
+    from workbench.gguf_info import gguf_metadata
+
+    checks: list[Check] = []
+    emit("weights: loading once with transformers' loading report")
+    try:
+        validity.check_weights(source.hf_dir, source.spec, trust_remote_code)
+        checks.append(Check("weights complete", "pass", None, None, "no missing weight",
+                            "every weight the causal-LM class needs is in the checkpoint"))
+    except SourceError as exc:
+        return [*checks, Check("weights complete", "FAIL", None, None, "no missing weight", str(exc))], None, []
+    tokenizer = AutoTokenizer.from_pretrained(source.hf_dir, trust_remote_code=trust_remote_code)
+    ids = list(tokenizer(pydoc_eval_text(), add_special_tokens=False)["input_ids"][:tokens])
+    text = tokenizer.decode(ids)
+    density = validity.chars_per_token(text, len(ids))
+    checks.append(Check("tokenizer density", "pass" if density >= validity.MIN_CHARS_PER_TOKEN else "FAIL",
+                        validity.MIN_CHARS_PER_TOKEN, density, f"at least {validity.MIN_CHARS_PER_TOKEN} characters per token",
+                        f"{len(text)} characters of English prose in {len(ids)} tokens"))
+    metadata = None
+    if source.gguf_file:
+        agreement = validity.gguf_tokenizer_agreement(Path(source.gguf_file), text, ids)
+        fraction = agreement["matching_fraction"]
+        checks.append(Check("tokenizer agrees with the GGUF file's own (llama.cpp)",
+                            "pass" if fraction is not None and fraction >= validity.MIN_TOKENIZER_AGREEMENT else "FAIL",
+                            validity.MIN_TOKENIZER_AGREEMENT, fraction, f"matching fraction >= {validity.MIN_TOKENIZER_AGREEMENT}",
+                            agreement["error"] or f"{agreement['hf_tokens']} workbench ids vs {agreement['gguf_tokens']} llama.cpp ids"))
+        metadata = gguf_metadata(Path(source.gguf_file))
+    bos = validity.bos_policy(tokenizer, metadata)
+    checks.append(Check("BOS policy", "info", None, float(bos.add_bos), "—",
+                        f"{'BOS first in every window' if bos.add_bos else 'no BOS'} because {bos.reason}"))
+    return checks, bos, ids
+
+
+def run_selfcheck(tokens: int = 1024, full: bool = False, emit: Emit = print, threads: int = 2, model: str | None = None,
+                  trust_remote_code: bool = False) -> list[Check]:
+    import torch
+
     from workbench.sources import BUNDLED, resolve_source
+    from workbench.validity import unigram_perplexity
 
     torch.set_num_threads(threads)
-    emit("preparing the bundled model (converted to fp32 once)")
-    source = resolve_source(BUNDLED, emit=emit)
-    ids = AutoTokenizer.from_pretrained(source.hf_dir)(pydoc_eval_text(), add_special_tokens=False)["input_ids"][:tokens]
-    context, stride = 512, 256  # overlapping windows, so the scoring of each token once is exercised too
+    emit(f"preparing {model or 'the bundled model'} (a GGUF file is converted to fp32 once)")
+    source = resolve_source(model or BUNDLED, trust_remote_code, emit=emit)
+    checks, bos, ids = validity_checks(source, tokens, trust_remote_code, emit)
+    if bos is None or any(c.status == "FAIL" for c in checks):
+        return checks  # the figures below would be meaningless for this model
+    context, stride = min(512, len(ids)), min(256, len(ids))  # overlapping windows: scoring each token once is exercised
     emit("(a) fp32 perplexity, two ways")
-    checks = [perplexity_check(source.hf_dir, ids, context, stride, threads)]
-    emit("(b) the shipped GGUF file, two ways")
-    try:
-        checks += gguf_checks(source.gguf_file, source.hf_dir, ids, context, stride, threads)
-    except ImportError as exc:
-        checks.append(Check("GGUF perplexity", "skipped", None, None, "—", f"llama-cpp-python is unavailable ({exc})"))
-    emit("(c) published gpt2-large figure")
-    checks.append(gpt2_large_check(full, emit, threads))
+    fp32 = perplexity_check(source.hf_dir, ids, context, stride, threads, bos_id=bos.bos_id)
+    checks.append(fp32)
+    unigram = unigram_perplexity(ids)
+    checks.append(Check("baseline perplexity below the eval text's unigram perplexity",
+                        "pass" if fp32.value is not None and fp32.value < unigram else "FAIL", unigram, fp32.value,
+                        "workbench < reference", "a model that predicts the text does far better than its own token "
+                        "frequencies; one that does worse has a wrong tokenizer, untrained weights or a missing BOS"))
+    if source.gguf_file:
+        emit("(b) the GGUF file, two ways")
+        try:
+            checks += gguf_checks(source.gguf_file, source.hf_dir, ids, context, stride, threads, bos.bos_id)
+        except ImportError as exc:
+            checks.append(Check("GGUF perplexity", "skipped", None, None, "—", f"llama-cpp-python is unavailable ({exc})"))
+    if model is None:
+        emit("(c) published gpt2-large figure")
+        checks.append(gpt2_large_check(full, emit, threads))
     return checks

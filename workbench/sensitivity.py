@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 
 def block_sensitivity(baseline_dir: str, variant_dir: str, tokens: list[int], context: int, stride: int,
-                      device: str = "cpu", emit: Callable[[str], None] = lambda _m: None) -> list[dict[str, Any]]:
+                      device: str = "cpu", emit: Callable[[str], None] = lambda _m: None,
+                      bos_id: int | None = None) -> list[dict[str, Any]]:
     import torch
 
     from workbench.metrics.quality import evaluate_quality
@@ -27,7 +28,7 @@ def block_sensitivity(baseline_dir: str, variant_dir: str, tokens: list[int], co
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         reference = Path(scratch) / "reference.npy"
-        evaluate_quality(baseline.logits, tokens, context, stride, write_reference=reference)
+        evaluate_quality(baseline.logits, tokens, context, stride, write_reference=reference, bos_id=bos_id)
         blocks = list(zip(baseline.model.model.layers, compressed.model.model.layers))
         for index, (base_block, comp_block) in enumerate(blocks):
             emit(f"sensitivity of block {index + 1}/{len(blocks)}")
@@ -37,7 +38,7 @@ def block_sensitivity(baseline_dir: str, variant_dir: str, tokens: list[int], co
                 if isinstance(module, torch.nn.Linear) and name in comp_linears:
                     originals[name] = module.weight.data
                     module.weight.data = float_weight(comp_linears[name]).to(module.weight.dtype).reshape(module.weight.shape)
-            quality = evaluate_quality(baseline.logits, tokens, context, stride, reference=reference)
+            quality = evaluate_quality(baseline.logits, tokens, context, stride, reference=reference, bos_id=bos_id)
             for name, weight in originals.items():  # restore before the next block
                 dict(base_block.named_modules())[name].weight.data = weight
             rows.append({"block": index, "name": f"model.layers.{index}", "kld_mean": quality["kld_mean"],
@@ -57,4 +58,4 @@ def sensitivity_worker(payload: dict, emit: Callable[[str], None]) -> list[dict[
     torch.set_num_threads(payload["threads"])
     tokens = json.loads(Path(payload["eval_tokens_path"]).read_text())[: payload["max_tokens"]]
     return block_sensitivity(payload["baseline_dir"], payload["variant_dir"], tokens, payload["context"],
-                             payload["stride"], emit=emit)
+                             payload["stride"], emit=emit, bos_id=payload.get("bos_id"))

@@ -16,7 +16,7 @@ import re
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from workbench.cache import cached_folder, file_sha256, key_hash
 from workbench.errors import SourceError
@@ -115,17 +115,23 @@ def check_causal_lm(folder: Path, spec: str, trust_remote_code: bool) -> None:
 
 def _from_gguf(gguf: Path, emit: Callable[[str], None]) -> ModelSource:
     fingerprint = "sha256:" + file_sha256(gguf)
-    material = {"gguf": fingerprint, "converter": _versions()}
+    # "tokenizer": how the folder's tokenizer is chosen (checked against llama.cpp's, rebuilt when it disagrees).
+    material = {"gguf": fingerprint, "converter": _versions(), "tokenizer": "checked-against-llama.cpp-v1"}
 
     def convert(out: Path) -> None:
         emit(f"converting {gguf.name} to an fp32 safetensors folder (once; 20-40 s)")
-        _convert_gguf(gguf, out)
+        _convert_gguf(gguf, out, emit)
 
     folder, _ = cached_folder(sources_dir(), "gguf-" + key_hash(material), convert, material, emit=emit)
-    return ModelSource(str(gguf), "gguf", folder, fingerprint, gguf_file=gguf)
+    origin = folder / TOKENIZER_ORIGIN
+    note = json.loads(origin.read_text()).get("note") if origin.is_file() else None
+    return ModelSource(str(gguf), "gguf", folder, fingerprint, gguf_file=gguf, note=note)
 
 
-def _convert_gguf(gguf: Path, out: Path) -> None:
+TOKENIZER_ORIGIN = "tokenizer_origin.json"  # which tokenizer a converted GGUF folder holds, and how well it agreed
+
+
+def _convert_gguf(gguf: Path, out: Path, emit: Callable[[str], None] = lambda _m: None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -133,15 +139,14 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     try:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:
         # Every torch method (and the eval tokenizer) needs the model in transformers; llama.cpp alone can still
         # run the file, as a variant next to a model transformers can load.
         raise SourceError(
-            f"transformers cannot load {gguf} as a causal LM: {str(exc).splitlines()[0]}. This GGUF-only source can be "
-            f"run only by the gguf-file method (llama.cpp): use a transformers-loadable model of the same family as "
-            f"model and add a variant {{method: gguf-file, options: {{path: {gguf}}}}}; the other methods "
-            f"({', '.join(n for n in method_names() if n != 'gguf-file')}) need the weights in transformers"
+            f"transformers cannot load {gguf} as a causal LM ({type(exc).__name__}: {str(exc).splitlines()[0]}), so "
+            f"the methods that need the weights in transformers ({', '.join(n for n in method_names() if n != 'gguf-file')}) "
+            f"cannot take it. llama.cpp can still run it: use a transformers-loadable model of the same family as "
+            f"model and add a variant {{method: gguf-file, options: {{path: {gguf}}}}}"
         ) from None
     # The GGUF loader marks the model as quantized; the weights are already dequantized to fp32, and
     # save_pretrained refuses (or writes a misleading quantization_config) unless both marks go.
@@ -149,7 +154,48 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
+    tokenizer, origin = _agreeing_tokenizer(gguf, AutoTokenizer, emit)
     tokenizer.save_pretrained(out)
+    (out / TOKENIZER_ORIGIN).write_text(json.dumps(origin, indent=1))
+
+
+def _agreeing_tokenizer(gguf: Path, auto_tokenizer: Any, emit: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    """transformers' tokenizer for the file when it tokenizes like llama.cpp does; otherwise one rebuilt from the
+    file's own vocabulary and merges (gguf_vocab.py) when that one does; otherwise transformers' (or none), which
+    the run's tokenizer check then refuses with the measured agreement."""
+    from workbench.evaltext import pydoc_eval_text
+    from workbench.gguf_vocab import tokenizer_from_gguf
+    from workbench.validity import MIN_TOKENIZER_AGREEMENT, gguf_tokenizer_agreement
+
+    probe = pydoc_eval_text()[:20_000]  # English prose; the run checks its own eval text again
+
+    def agreement(tokenizer: Any) -> float:
+        ids = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+        result = gguf_tokenizer_agreement(gguf, tokenizer.decode(ids), ids)
+        return result["matching_fraction"] or 0.0
+
+    tried: dict[str, Any] = {}
+    try:
+        candidate = auto_tokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tried["transformers"] = agreement(candidate)
+        if tried["transformers"] >= MIN_TOKENIZER_AGREEMENT:
+            return candidate, {"origin": "transformers' GGUF conversion", "agreement": tried["transformers"]}
+    except Exception as exc:  # transformers' converters assume each architecture's usual vocabulary type
+        candidate = None
+        tried["transformers"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    emit("transformers' tokenizer for this GGUF disagrees with llama.cpp's; rebuilding it from the file's vocabulary")
+    rebuilt = tokenizer_from_gguf(gguf)
+    if rebuilt is not None:
+        tried["rebuilt"] = agreement(rebuilt)
+        if tried["rebuilt"] >= MIN_TOKENIZER_AGREEMENT:
+            return rebuilt, {"origin": "rebuilt from the GGUF file's own vocabulary and merges", "agreement": tried["rebuilt"],
+                             "tried": tried, "note": "transformers' tokenizer for this GGUF file disagreed with llama.cpp's "
+                             f"({tried['transformers']}); the workbench uses one rebuilt from the file's own vocabulary "
+                             f"and merges, which reproduces {tried['rebuilt']:.1%} of llama.cpp's ids"}
+    if candidate is None:
+        raise SourceError(f"{gguf}: transformers cannot build a tokenizer from this file ({tried['transformers']}) and "
+                          "no tokenizer rebuilt from its vocabulary tokenizes like llama.cpp does")
+    return candidate, {"origin": "transformers' GGUF conversion", "agreement": tried["transformers"], "tried": tried}
 
 
 def _from_hub(repo_id: str, trust_remote_code: bool, emit: Callable[[str], None]) -> ModelSource:

@@ -50,7 +50,7 @@ def build_artifact(payload: dict, emit: Emit) -> dict:
     torch.set_num_threads(payload["threads"])
     device = pick_device(payload["device"])
     ctx = BuildContext(device=device, threads=payload["threads"], trust_remote_code=payload["trust_remote_code"],
-                       emit=emit, source_gguf=payload.get("source_gguf"))
+                       emit=emit, source_gguf=payload.get("source_gguf"), source_dir=payload["source_dir"])
     current = Path(payload["source_dir"])
     versions = library_versions()
     stages_done = []
@@ -86,6 +86,7 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
     from workbench.metrics.sparsity import sparsity_report
     from workbench.runtimes import load_variant
     from workbench.runtimes.torch import pick_device
+    from workbench.validity import with_bos
 
     threads = payload["threads"]
     torch.set_num_threads(threads)
@@ -106,7 +107,8 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
     emit("latency")
     if hasattr(variant, "reset_perf_counters"):
         variant.reset_perf_counters()
-    latency = measure_latency(variant.generate, tokens[: latency_spec["prompt_tokens"]], latency_spec["new_tokens"],
+    bos_id = payload.get("bos_id")
+    latency = measure_latency(variant.generate, with_bos(tokens[: latency_spec["prompt_tokens"]], bos_id), latency_spec["new_tokens"],
                               latency_spec["warmup"], latency_spec["repeats"])
     if hasattr(variant, "perf_counters"):  # the engine's own clock, beside the wall-clock figures
         counters = variant.perf_counters()
@@ -138,11 +140,14 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
         # The baseline writes the reference log-probs, then scores a second, independent forward pass
         # against them: its KLD / top-1 then check run-to-run determinism and the reference file itself.
         reference = Path(payload["write_reference"])
-        evaluate_quality(variant.logits, tokens, context, stride, write_reference=reference, on_window=progress)
-        quality = evaluate_quality(variant.logits, tokens, context, stride, reference=reference, on_window=progress)
+        evaluate_quality(variant.logits, tokens, context, stride, write_reference=reference, on_window=progress,
+                         bos_id=bos_id)
+        quality = evaluate_quality(variant.logits, tokens, context, stride, reference=reference, on_window=progress,
+                                   bos_id=bos_id)
     else:
         reference = Path(payload["reference"]) if payload.get("reference") and reference_allowed else None
-        quality = evaluate_quality(variant.logits, tokens, context, stride, reference=reference, on_window=progress)
+        quality = evaluate_quality(variant.logits, tokens, context, stride, reference=reference, on_window=progress,
+                                   bos_id=bos_id)
 
     lm_eval_figures: dict = {}
     if payload.get("lm_eval"):
@@ -150,7 +155,7 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
 
         emit("lm-eval tasks")
         spec = payload["lm_eval"]
-        lm_eval_figures = run_tasks(variant, spec["tasks"], spec["limit"], spec["batch_size"], device)
+        lm_eval_figures = run_tasks(variant, spec["tasks"], spec["limit"], spec["batch_size"], device, bos_id=bos_id)
 
     sparsity, layers = (sparsity_report(variant.weight_matrices()) if hasattr(variant, "weight_matrices") else (None, []))
     metrics = {
@@ -196,18 +201,36 @@ def _sample(variant, prompt: str, new_tokens: int) -> dict:
 
 
 def prepare_source(payload: dict, emit: Emit) -> dict:
-    """Resolve (and if needed convert) the model, then tokenize the eval text once into eval_tokens.json."""
+    """Resolve (and if needed convert) the model, check that it can be measured correctly (validity.py), then
+    tokenize the eval text once into eval_tokens.json."""
     from transformers import AutoTokenizer
 
+    from workbench import validity
     from workbench.evaltext import eval_text, eval_token_ids
     from workbench.runtimes.torch import pick_device
     from workbench.sources import resolve_source
 
     source = resolve_source(payload["model"], payload["trust_remote_code"], emit)
+    emit("checking the weights")
+    weights = validity.check_weights(source.hf_dir, source.spec, payload["trust_remote_code"])
     emit("tokenizing the eval text")
     tokenizer = AutoTokenizer.from_pretrained(source.hf_dir, trust_remote_code=payload["trust_remote_code"])
     text, description = eval_text(payload["eval"]["text"])
     ids = eval_token_ids(tokenizer, text, payload["eval"]["max_tokens"], payload["eval"]["context"])
+    scored_text = tokenizer.decode(ids)
+    density = validity.check_token_density(scored_text, ids, source.spec)
+    agreement = None
+    gguf_metadata = None
+    if source.gguf_file:
+        from workbench.gguf_info import gguf_metadata as read_metadata
+
+        emit("checking the tokenizer against the GGUF file's own")
+        agreement = validity.gguf_tokenizer_agreement(Path(source.gguf_file), scored_text, ids)
+        validity.check_gguf_tokenizer(agreement, source.spec)
+        gguf_metadata = read_metadata(Path(source.gguf_file))
+    bos = validity.bos_policy(tokenizer, gguf_metadata, payload["eval"].get("bos"))
     Path(payload["eval_tokens_path"]).write_text(json.dumps(ids))
     return {"source": source.to_record(), "eval_text": description, "eval_tokens": len(ids),
-            "device": pick_device(payload["device"]), "tokenizer": type(tokenizer).__name__}
+            "device": pick_device(payload["device"]), "tokenizer": type(tokenizer).__name__,
+            "validity": {**bos.to_record(), "chars_per_token": density, "tokenizer_agreement": agreement,
+                         "unigram_perplexity": validity.unigram_perplexity(ids), "weights": weights}}

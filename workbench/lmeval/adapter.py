@@ -13,6 +13,7 @@ import numpy as np
 from lm_eval.api.model import LM
 
 from workbench.metrics.windows import plan_windows
+from workbench.validity import with_bos
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -21,11 +22,12 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class VariantLM(LM):
-    def __init__(self, variant: Any, max_length: int = 512):
+    def __init__(self, variant: Any, max_length: int = 512, bos_id: int | None = None):
         super().__init__()
         self.variant = variant
         self.tokenizer = variant.tokenizer
         self.max_length = max_length
+        self.bos_id = bos_id  # requests start with BOS, as HFLM's add_bos_token does on the torch side
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -35,7 +37,8 @@ class VariantLM(LM):
         context_ids = self._encode(context)
         whole = self._encode(context + continuation)
         target = whole[len(context_ids):]
-        ids = whole[-(self.max_length + 1):]
+        prefix = [self.bos_id] if self.bos_id is not None else []
+        ids = (prefix + whole)[-(self.max_length + 1):]
         logp = _log_softmax(self.variant.logits(ids[:-1]))
         rows = logp[len(ids) - 1 - len(target):]
         total = float(sum(rows[i, token] for i, token in enumerate(target)))
@@ -51,7 +54,7 @@ class VariantLM(LM):
             ids = self._encode(request.args[0])
             total = 0.0
             for window in plan_windows(len(ids), self.max_length, self.max_length):
-                logp = _log_softmax(self.variant.logits(ids[window.start : window.end]))
+                logp = _log_softmax(self.variant.logits(with_bos(ids[window.start : window.end], self.bos_id)))
                 total += sum(logp[t - window.start - 1, ids[t]] for t in range(window.first_target, window.end))
             totals.append(float(total))
         return totals

@@ -25,24 +25,28 @@ def task_specs(names: list[str]) -> list[Any]:
     return [local.get(name, name) for name in names]
 
 
-def lm_for(variant: Any, device: str, batch_size: int) -> Any:
+def lm_for(variant: Any, device: str, batch_size: int, bos_id: int | None = None) -> Any:
     if hasattr(variant, "model") and hasattr(variant.model, "config"):  # a transformers model object
         from lm_eval.models.huggingface import HFLM
 
-        return HFLM(pretrained=variant.model, tokenizer=variant.tokenizer, device=device, batch_size=batch_size)
+        return HFLM(pretrained=variant.model, tokenizer=variant.tokenizer, device=device, batch_size=batch_size,
+                    add_bos_token=bos_id is not None)
     if hasattr(variant, "lm_eval_adapter"):
-        return variant.lm_eval_adapter()
+        return variant.lm_eval_adapter(bos_id)
     raise RuntimeError(f"no lm-eval adapter for the {type(variant).__name__} runtime")
 
 
-def run_tasks(variant: Any, tasks: list[str], limit: int | None, batch_size: int, device: str) -> dict[str, Any]:
-    """{'lm_eval.<task>.<metric>': value, ...} plus `lm_eval_error` (None when all went well)."""
+def run_tasks(variant: Any, tasks: list[str], limit: int | None, batch_size: int, device: str,
+              bos_id: int | None = None) -> dict[str, Any]:
+    """{'lm_eval.<task>.<metric>': value, ...} plus `lm_eval_error` (None when all went well).
+
+    `bos_id`: requests start with BOS (the run's BOS policy, validity.py)."""
     names = [f"lm_eval.{task}.{metric}" for task in tasks for metric in ("acc", "acc_stderr")]
     try:
         from lm_eval import simple_evaluate
 
         os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
-        results = simple_evaluate(model=lm_for(variant, device, batch_size), tasks=task_specs(tasks), limit=limit,
+        results = simple_evaluate(model=lm_for(variant, device, batch_size, bos_id), tasks=task_specs(tasks), limit=limit,
                                   log_samples=False, bootstrap_iters=1000, random_seed=0)
     except Exception as exc:  # lm-eval's own failure: only its metrics become null
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -48,6 +48,7 @@ class BuildContext:
     trust_remote_code: bool
     emit: Callable[[str], None]  # progress messages for the UI / CLI
     source_gguf: str | None = None  # the model's own GGUF file, when the source is one
+    source_dir: str | None = None  # the source's HF folder: a stage whose input is this folder sees the unmodified source
 
 
 class Method:

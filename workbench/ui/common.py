@@ -87,6 +87,7 @@ def run_note(run: dict[str, Any] | None) -> str:
 
     note = f"**Note:** {run['model']['note']}\n\n" if run["model"].get("note") else ""
     failed = [f"- **{r['name']}** failed: {r['error']}" for r in run["variants"] if r["status"] != "ok"]
+    failed += [f"- **{r['name']}** flagged: {flag['message']}" for r in run["variants"] for flag in r.get("flags") or []]
     honesty = ", ".join(f"{r['name']}: *{r['honesty']}*" for r in run["variants"] if r.get("honesty"))
     return (f"{note}Run `{run['run_id']}` ({run['status']}). Honesty: {honesty}.\n\n" + "\n".join(failed)
             + f"\n\n<small>{protocol_summary(run)}</small>")

@@ -269,3 +269,51 @@ def test_generation_agreement() -> None:
     assert result["samples_first_diff_mean"] == pytest.approx((1 + 2 + 0) / 3)
     same = generation_agreement(base, base)
     assert same["samples_exact_match"] == 1.0 and same["samples_first_diff_mean"] is None and same["note"]
+
+
+def test_run_pairs_every_variant_with_the_baselines_items(write_preset, tmp_path) -> None:
+    import json
+
+    from workbench.presets import load_preset
+    from workbench.runner import Runner
+
+    path = write_preset([{"name": "fp32", "method": "fp32"}, {"name": "bf16", "method": "bf16"}], name="flips",
+                        lm_eval={"tasks": ["pydoc_lastword"], "limit": 12, "batch_size": 4})
+    out = tmp_path / "out"
+    run = Runner(load_preset(path), out_dir=out).run()
+    base, variant = run["variants"]
+    assert base["status"] == variant["status"] == "ok"
+    assert not (out / "baseline_logprobs.npy").exists() and not (out / "baseline_logprobs.npy.per_token.npz").exists()
+    saved = json.loads((out / "baseline_items.json").read_text())
+    assert saved["lm_eval"]["pydoc_lastword"] == base["quality_detail"]["lm_eval_items"]["pydoc_lastword"]
+    assert saved["samples"] == [s["output_ids"] for s in base["samples"]]
+    # The baseline is not paired with itself: null with a reason, never 0.
+    assert base["metrics"]["lm_eval.pydoc_lastword.flips"] is None and base["quality_detail"]["paired_note"]
+    assert base["metrics"]["ppl_ratio"] == 1.0 and base["metrics"]["kld_mean"] == 0.0
+
+    # Flips recomputed by hand from the two variants' per-item results.
+    b = saved["lm_eval"]["pydoc_lastword"]
+    v = variant["quality_detail"]["lm_eval_items"]["pydoc_lastword"]
+    assert len(b) == len(v) == 12
+    gains = sum(1 for k in b if v[k] and not b[k])
+    losses = sum(1 for k in b if b[k] and not v[k])
+    m = variant["metrics"]
+    assert m["lm_eval.pydoc_lastword.flips"] == pytest.approx((gains + losses) / 12)
+    assert m["lm_eval.pydoc_lastword.flips_gain"] == pytest.approx(gains / 12)
+    assert m["lm_eval.pydoc_lastword.acc"] == pytest.approx(sum(v.values()) / 12)
+    if any(b.values()):
+        assert m["lm_eval.pydoc_lastword.recovery"] == pytest.approx(100 * sum(v.values()) / sum(b.values()))
+    same = [a == c for a, c in zip(saved["samples"], [s["output_ids"] for s in variant["samples"]])]
+    assert m["samples_exact_match"] == sum(same) / len(same)
+    for key in ("kld_p999", "delta_p_rms", "ln_ppl_ratio_stderr", "ppl_ratio"):
+        assert m[key] is not None, key
+    assert len(m["ppl_ratio_ci95"]) == 2 and m["ppl_indistinguishable"] in (True, False)
+
+    from workbench.report import INDISTINGUISHABLE_TEXT, fidelity_table, flips_table, format_table
+
+    assert "ppl ratio [95% CI]" in format_table(run)
+    assert (INDISTINGUISHABLE_TEXT in format_table(run)) == any(r["metrics"]["ppl_indistinguishable"]
+                                                                  for r in run["variants"])
+    assert list(flips_table(run)["variant"]) == ["fp32", "bf16"]
+    assert fidelity_table(run)["KLD mean"][0] == 0.0
+    assert "<h2>Fidelity</h2>" in (out / "report.html").read_text()

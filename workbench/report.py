@@ -29,8 +29,8 @@ TABLE_COLUMNS = (
 PPL_RATIO_TITLE = "ppl ratio [95% CI]"
 INDISTINGUISHABLE_MARK = "≈"
 INDISTINGUISHABLE_TEXT = "not distinguishable from the baseline on this text"
-# lm-eval figures shown in the table; the rest (stderr, gain / loss shares, paired item count) are in CSV / JSON.
-TABLE_LM_EVAL = ("acc", "flips", "mcnemar_p", "recovery")
+# lm-eval figures left out of the table (they are in CSV / JSON): errors, gain / loss shares, paired item counts.
+TABLE_LM_EVAL_HIDDEN = ("_stderr", ".flips_gain", ".flips_loss", ".paired_items")
 
 
 def ppl_ratio_text(metrics: dict[str, Any]) -> str | None:
@@ -67,7 +67,7 @@ def summary_table(run: dict[str, Any]) -> pd.DataFrame:
             row["decode limit tok/s"] = record["roofline"]["decode_tok_s_limit"]
             row["of limit"] = record["roofline"]["fraction"]
         for metric, value in record["metrics"].items():  # downstream tasks, e.g. lm_eval.pydoc_lastword.acc
-            if metric.startswith("lm_eval.") and metric.rsplit(".", 1)[-1] in TABLE_LM_EVAL:
+            if metric.startswith("lm_eval.") and not metric.endswith(TABLE_LM_EVAL_HIDDEN):
                 row[metric.removeprefix("lm_eval.")] = value
         row["honesty"] = record.get("honesty")
         row["error"] = record.get("error") or ""

@@ -294,6 +294,9 @@ class Runner:
                 "scored": scored_label(preset.eval.context, preset.eval.stride),
                 "scored_tokens": scored_count(windows),
                 "baseline_divergence": "the baseline's KLD / top-1 / delta-p compare a second forward pass with its first",
+                "reference_storage": "baseline log-probs as float16 (KLD within quality_detail.kld_storage_bound); "
+                                     "target log-prob and argmax per token exact",
+                "ppl_ratio_interval": "95 % paired t interval over per-window NLL differences (metrics/quality.py)",
                 "prompt_tokens": preset.latency.prompt_tokens,
                 "latency_prompt": "the first prompt_tokens eval token ids; greedy decoding, EOS ignored",
                 "new_tokens": preset.latency.new_tokens,

@@ -215,6 +215,8 @@ def _paired_with_baseline(payload: dict, samples: list[dict], lm_eval_figures: d
     metrics: dict = {"samples_exact_match": None, "samples_first_diff_mean": None,
                      **{f"lm_eval.{task}.{key}": None for task in tasks for key in FLIP_KEYS}}
     notes: dict = {}
+    if items:  # the evidence behind the flips: this variant's per-item correctness, {task: {doc_id: correct}}
+        notes["lm_eval_items"] = items
     if payload.get("write_reference"):
         write_items(items_path(Path(payload["write_reference"])), items, outputs)
         notes["paired_note"] = "this is the baseline: flips and generation agreement are measured against it"

@@ -48,6 +48,7 @@ DIVERGENCE_KEYS = (
     "ppl_ratio", "ppl_ratio_ci95", "ppl_indistinguishable",
 )
 QUALITY_METRICS = ("perplexity", *DIVERGENCE_KEYS)
+ROWS_PER_BLOCK = 64  # rows of the reference compared at once (64 x 49152 float64 = 25 MB per temporary)
 
 
 def per_token_path(reference: Path) -> Path:
@@ -246,14 +247,17 @@ def evaluate_quality(
             out_target[row : row + n] = target_logp
             out_argmax[row : row + n] = logp.argmax(-1).numpy()
         if ref is not None and ref.shape[1] == logp.shape[1]:
-            stored = np.asarray(ref[row : row + n])  # only this window's rows are read from disk
-            # The variant's log-probs are rounded to the storage precision too: identical models give KLD 0.
-            var_stored = logp.numpy().astype(stored.dtype)
-            kld = kld_stats(torch.from_numpy(stored), torch.from_numpy(var_stored), targets)["kld"].numpy()
-            kld_parts.append(kld)
+            # Blocks of rows: only these are read from disk, and the float64 temporaries stay small.
+            for first in range(0, n, ROWS_PER_BLOCK):
+                last = min(first + ROWS_PER_BLOCK, n)
+                stored = np.asarray(ref[row + first : row + last])
+                # The variant's log-probs are rounded to the storage precision too: identical models give KLD 0.
+                var_stored = logp[first:last].numpy().astype(stored.dtype)
+                kld_parts.append(kld_stats(torch.from_numpy(stored), torch.from_numpy(var_stored),
+                                           targets[first:last])["kld"].numpy())
+                if stored.dtype == np.float16:
+                    bound_parts.append(fp16_kld_bound(stored, var_stored))
             agree_parts.append(side["argmax"][row : row + n] == logp.argmax(-1).numpy())
-            if stored.dtype == np.float16:
-                bound_parts.append(fp16_kld_bound(stored, var_stored))
         row += n
         on_window(index + 1, len(windows))
     if out is not None:

@@ -250,7 +250,7 @@ def evaluate_quality(
             # Blocks of rows: only these are read from disk, and the float64 temporaries stay small.
             for first in range(0, n, ROWS_PER_BLOCK):
                 last = min(first + ROWS_PER_BLOCK, n)
-                stored = np.asarray(ref[row + first : row + last])
+                stored = np.array(ref[row + first : row + last])  # a writable copy, for torch.from_numpy
                 # The variant's log-probs are rounded to the storage precision too: identical models give KLD 0.
                 var_stored = logp[first:last].numpy().astype(stored.dtype)
                 kld_parts.append(kld_stats(torch.from_numpy(stored), torch.from_numpy(var_stored),

@@ -33,20 +33,27 @@ INDISTINGUISHABLE_TEXT = "not distinguishable from the baseline on this text"
 TABLE_LM_EVAL_HIDDEN = ("_stderr", ".flips_gain", ".flips_loss", ".paired_items")
 
 
-def ppl_ratio_text(metrics: dict[str, Any]) -> str | None:
-    """'1.0123 [1.0040, 1.0207]', marked when the paired interval contains 1 (metrics/quality.py)."""
+def ppl_ratio_text(metrics: dict[str, Any], is_baseline: bool = False) -> str | None:
+    """'1.0123 [1.0040, 1.0207]', marked when the paired interval contains 1 (metrics/quality.py).
+
+    The baseline's own interval (its second pass against its first) is not marked: that is a determinism check.
+    """
     ratio, interval = metrics.get("ppl_ratio"), metrics.get("ppl_ratio_ci95")
     if ratio is None:
         return None
     if not interval:
         return f"{ratio:.4f}"
     text = f"{ratio:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
-    return f"{text} {INDISTINGUISHABLE_MARK}" if metrics.get("ppl_indistinguishable") else text
+    return f"{text} {INDISTINGUISHABLE_MARK}" if metrics.get("ppl_indistinguishable") and not is_baseline else text
+
+
+def _is_baseline(run: dict[str, Any], record: dict[str, Any]) -> bool:
+    return record["name"] == (run.get("preset") or {}).get("baseline")
 
 
 def table_legend(run: dict[str, Any]) -> str:
     """The footnote for the perplexity-ratio mark, when a variant carries it."""
-    if not any(r["metrics"].get("ppl_indistinguishable") for r in run["variants"]):
+    if not any(r["metrics"].get("ppl_indistinguishable") and not _is_baseline(run, r) for r in run["variants"]):
         return ""
     return (f"{INDISTINGUISHABLE_MARK} {INDISTINGUISHABLE_TEXT}: the 95 % paired interval of its perplexity ratio "
             "to the baseline (per-window NLL differences) contains 1.")
@@ -60,7 +67,7 @@ def summary_table(run: dict[str, Any]) -> pd.DataFrame:
             value = record["metrics"].get(metric)
             row[title] = None if value is None else value * scale
             if metric == "perplexity":
-                row[PPL_RATIO_TITLE] = ppl_ratio_text(record["metrics"])
+                row[PPL_RATIO_TITLE] = ppl_ratio_text(record["metrics"], _is_baseline(run, record))
         if record.get("gguf"):  # the file's real mix, not its nominal type
             row["bits/w"] = record["gguf"]["bits_per_weight"]
         if record.get("roofline"):  # decode speed against this machine's memory-bandwidth limit (roofline.py)
@@ -150,7 +157,7 @@ def fidelity_table(run: dict[str, Any]) -> pd.DataFrame:
         m = record["metrics"]
         row: dict[str, Any] = {"variant": record["name"]}
         row.update({title: m.get(metric) for title, metric in FIDELITY_COLUMNS})
-        row[PPL_RATIO_TITLE] = ppl_ratio_text(m)
+        row[PPL_RATIO_TITLE] = ppl_ratio_text(m, _is_baseline(run, record))
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -76,26 +76,41 @@ def kld_stats(base_logp: torch.Tensor, var_logp: torch.Tensor, targets: torch.Te
     return {"kld": kld, "agree": agree, "delta_p": delta_p}
 
 
+def _renormalize(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rounded log-probs shifted to sum to probability 1 (float64), and the shift c = logsumexp of the row.
+
+    Without this, each row's rounding errors add a first-order term sum(p * error) ~ 1e-4 to every KLD,
+    which swamps near-lossless variants' KLD tails (measured with bench/fidelity.py); after it, the
+    first-order term is weighted by (p - q) or (log p - log q), both small when the variant is close.
+    """
+    x = stored.astype(np.float64)
+    top = np.max(np.where(np.isfinite(x), x, -np.inf), axis=-1, keepdims=True)
+    c = top + np.log(np.exp(x - top).sum(-1, keepdims=True))
+    return x - c, c
+
+
+def _half_spacing(x: np.ndarray) -> np.ndarray:
+    return np.maximum(FP16_UNIT_ROUNDOFF * np.abs(x), FP16_SUBNORMAL_HALF_SPACING)
+
+
 def fp16_kld_bound(stored_base_logp: np.ndarray, stored_var_logp: np.ndarray) -> np.ndarray:
     """Per position, the most KL(base || variant) from float16-rounded log-probs can differ from the exact one.
 
-    Both sides are rounded to the storage precision before the KLD (like with like, so a variant that
-    reproduces the baseline exactly still gets KLD 0). With s = fl16(l), t = fl16(m) the stored base and
-    variant log-probs, |l - s| <= e := max(2^-11 |s|, 2^-25) and |m - t| <= h likewise. Each KLD term is
-    e^x (x - y). Moving x from s to l: by the mean value theorem the term moves at most
-    e * max|d/dx| <= e * e^(s+e) (|s - t + 1| + e + h); moving y from t to m: at most e^s h.
+    Both sides are rounded to float16 and renormalized (`_renormalize`) before the KLD, so a variant that
+    reproduces the baseline exactly still gets KLD 0. With r = fl16(l) the rounded value,
+    |l - r| <= max(2^-11 |r|, 2^-25); renormalizing subtracts c = logsumexp(r) (the exact row has
+    logsumexp 0), so the renormalized s = r - c is within e := max(2^-11 |r|, 2^-25) + |c| of l; likewise
+    h for the variant's t. Each KLD term is e^x (x - y). Moving x from s to l: by the mean value theorem
+    the term moves at most e * e^(s+e) (|s - t + 1| + e + h); moving y from t to m: at most e^s h.
     The bound is the sum of both over the vocabulary.
     """
-    s = stored_base_logp.astype(np.float64)
-    t = stored_var_logp.astype(np.float64)
+    r, q = stored_base_logp.astype(np.float64), stored_var_logp.astype(np.float64)
+    s, c_s = _renormalize(stored_base_logp)
+    t, c_t = _renormalize(stored_var_logp)
     finite = np.isfinite(s)  # -inf: the exact value was below -65504, a probability of 0 in float64 too
-    s0 = np.where(finite, s, 0.0)
-
-    def half_spacing(x: np.ndarray) -> np.ndarray:
-        return np.maximum(FP16_UNIT_ROUNDOFF * np.abs(x), FP16_SUBNORMAL_HALF_SPACING)
-
-    eps = np.where(finite, half_spacing(s0), 0.0)
-    eta = half_spacing(t)
+    s0, r0 = np.where(finite, s, 0.0), np.where(finite, r, 0.0)
+    eps = np.where(finite, _half_spacing(r0) + np.abs(c_s), 0.0)
+    eta = _half_spacing(q) + np.abs(c_t)
     terms = eps * np.exp(s0 + eps) * (np.abs(s0 - t + 1.0) + eps + eta) + np.exp(s0) * eta
     return np.where(finite, terms, 0.0).sum(-1)
 
@@ -253,10 +268,14 @@ def evaluate_quality(
                 stored = np.array(ref[row + first : row + last])  # a writable copy, for torch.from_numpy
                 # The variant's log-probs are rounded to the storage precision too: identical models give KLD 0.
                 var_stored = logp[first:last].numpy().astype(stored.dtype)
-                kld_parts.append(kld_stats(torch.from_numpy(stored), torch.from_numpy(var_stored),
-                                           targets[first:last])["kld"].numpy())
                 if stored.dtype == np.float16:
+                    kld_parts.append(kld_stats(torch.from_numpy(_renormalize(stored)[0]),
+                                               torch.from_numpy(_renormalize(var_stored)[0]),
+                                               targets[first:last])["kld"].numpy())
                     bound_parts.append(fp16_kld_bound(stored, var_stored))
+                else:
+                    kld_parts.append(kld_stats(torch.from_numpy(stored), torch.from_numpy(var_stored),
+                                               targets[first:last])["kld"].numpy())
             agree_parts.append(side["argmax"][row : row + n] == logp.argmax(-1).numpy())
         row += n
         on_window(index + 1, len(windows))

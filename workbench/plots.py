@@ -153,6 +153,55 @@ def downstream_tasks(run: dict[str, Any]):
     return figure
 
 
+KLD_POINTS = (("median", "kld_median"), ("p90", "kld_p90"), ("p95", "kld_p95"), ("p99", "kld_p99"),
+              ("p99.9", "kld_p999"), ("max", "kld_max"))
+
+
+def fidelity(run: dict[str, Any]):
+    """KLD percentiles per variant (log scale) and the spread of Δp (box 5-95 %, whiskers 1-99 %, line = median)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    records = [r for r in _ok(run) if r["metrics"].get("kld_median") is not None]
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("KLD percentiles (log scale)",
+                                                           "Δp of the correct token: box 5-95 %, whiskers 1-99 %"))
+    for record in records:
+        m = record["metrics"]
+        figure.add_trace(go.Scatter(x=[label for label, _ in KLD_POINTS], y=[m[key] for _, key in KLD_POINTS],
+                                    mode="lines+markers", name=record["name"], legendgroup=record["name"]), row=1, col=1)
+        figure.add_trace(go.Box(x=[record["name"]], lowerfence=[m["delta_p_p01"]], q1=[m["delta_p_p05"]],
+                                median=[m["delta_p_p50"]], q3=[m["delta_p_p95"]], upperfence=[m["delta_p_p99"]],
+                                mean=[m["delta_p_mean"]], name=record["name"], legendgroup=record["name"],
+                                showlegend=False), row=1, col=2)
+    figure.update_yaxes(type="log", title_text="KLD (nats)", row=1, col=1)
+    figure.update_yaxes(title_text="p(variant) - p(baseline)", row=1, col=2)
+    figure.update_layout(title=_title(f"Fidelity to {run['preset']['baseline']}: KLD and Δp distributions", run))
+    return figure
+
+
+def flips(run: dict[str, Any]):
+    """Share of lm-eval items whose correctness differs from the baseline's, per task: losses and gains."""
+    import plotly.graph_objects as go
+
+    records = _ok(run)
+    tasks = sorted({k.split(".")[1] for r in records for k, v in r["metrics"].items()
+                    if k.startswith("lm_eval.") and k.endswith(".flips") and v is not None})
+    figure = go.Figure()
+    for task in tasks:
+        prefix = f"lm_eval.{task}."
+        with_value = [r for r in records if r["metrics"].get(prefix + "flips") is not None]
+        names = [r["name"] for r in with_value]
+        for part, label in (("flips_loss", "lost"), ("flips_gain", "gained")):
+            figure.add_trace(go.Bar(
+                x=names, y=[r["metrics"][prefix + part] for r in with_value], name=f"{task}: {label}",
+                offsetgroup=task, text=[f"p={r['metrics'][prefix + 'mcnemar_p']:.2g}" if part == "flips_gain" else ""
+                                        for r in with_value], textposition="outside"))
+    figure.update_layout(title=_title("Flips per lm-eval task (share of items; McNemar p above)" if tasks
+                                      else "Flips: no lm-eval tasks in this run", run),
+                         barmode="relative", yaxis_title="share of items")
+    return figure
+
+
 # name -> (UI label, builder, whether this run has data for it). The UI shows every chart (empty ones
 # stay empty); the HTML report leaves out charts without data.
 CHART_SPECS: dict[str, tuple[str, Any, Any]] = {
@@ -165,7 +214,12 @@ CHART_SPECS: dict[str, tuple[str, Any, Any]] = {
                    lambda run: any(m.startswith("lm_eval.") for r in _ok(run) for m in r["metrics"])),
     "sensitivity": ("Per-block sensitivity", sensitivity, lambda run: bool((run.get("sensitivity") or {}).get("rows"))),
     "calibration_spread": ("Calibration robustness", calibration_spread, lambda run: _has_calibration_groups(run)),
+    "fidelity": ("Fidelity: KLD and Δp", fidelity,
+                 lambda run: any(r["metrics"].get("kld_median") is not None for r in _ok(run))),
+    "flips": ("Fidelity: flips per task", flips,
+              lambda run: any(k.endswith(".flips") and v is not None for r in _ok(run) for k, v in r["metrics"].items())),
 }
+FIDELITY_CHARTS = ("fidelity", "flips")  # the HTML report puts these in its Fidelity section
 CHARTS = {name: spec[1] for name, spec in CHART_SPECS.items()}
 CHART_LABELS = [spec[0] for spec in CHART_SPECS.values()]
 

@@ -24,8 +24,41 @@ TABLE_COLUMNS = (
     ("sparsity", "sparsity", 1.0),
     ("perplexity", "perplexity", 1.0),
     ("KLD", "kld_mean", 1.0),
+    ("KLD p99", "kld_p99", 1.0),
+    ("RMS Δp", "delta_p_rms", 1.0),
     ("top-1", "top1_agreement", 1.0),
 )
+PPL_RATIO_TITLE = "ppl ratio [95% CI]"
+INDISTINGUISHABLE_MARK = "≈"
+INDISTINGUISHABLE_TEXT = "not distinguishable from the baseline on this text"
+# lm-eval figures left out of the table (they are in CSV / JSON): errors, gain / loss shares, paired item counts.
+TABLE_LM_EVAL_HIDDEN = ("_stderr", ".flips_gain", ".flips_loss", ".paired_items")
+
+
+def ppl_ratio_text(metrics: dict[str, Any], is_baseline: bool = False) -> str | None:
+    """'1.0123 [1.0040, 1.0207]', marked when the paired interval contains 1 (metrics/quality.py).
+
+    The baseline's own interval (its second pass against its first) is not marked: that is a determinism check.
+    """
+    ratio, interval = metrics.get("ppl_ratio"), metrics.get("ppl_ratio_ci95")
+    if ratio is None:
+        return None
+    if not interval:
+        return f"{ratio:.4f}"
+    text = f"{ratio:.4f} [{interval[0]:.4f}, {interval[1]:.4f}]"
+    return f"{text} {INDISTINGUISHABLE_MARK}" if metrics.get("ppl_indistinguishable") and not is_baseline else text
+
+
+def _is_baseline(run: dict[str, Any], record: dict[str, Any]) -> bool:
+    return record["name"] == (run.get("preset") or {}).get("baseline")
+
+
+def table_legend(run: dict[str, Any]) -> str:
+    """The footnote for the perplexity-ratio mark, when a variant carries it."""
+    if not any(r["metrics"].get("ppl_indistinguishable") and not _is_baseline(run, r) for r in run["variants"]):
+        return ""
+    return (f"{INDISTINGUISHABLE_MARK} {INDISTINGUISHABLE_TEXT}: the 95 % paired interval of its perplexity ratio "
+            "to the baseline (per-window NLL differences) contains 1.")
 
 
 def summary_table(run: dict[str, Any]) -> pd.DataFrame:
@@ -35,13 +68,15 @@ def summary_table(run: dict[str, Any]) -> pd.DataFrame:
         for title, metric, scale in TABLE_COLUMNS:
             value = record["metrics"].get(metric)
             row[title] = None if value is None else value * scale
+            if metric == "perplexity":
+                row[PPL_RATIO_TITLE] = ppl_ratio_text(record["metrics"], _is_baseline(run, record))
         if record.get("gguf"):  # the file's real mix, not its nominal type
             row["bits/w"] = record["gguf"]["bits_per_weight"]
         if record.get("roofline"):  # decode speed against this machine's memory-bandwidth limit (roofline.py)
             row["decode limit tok/s"] = record["roofline"]["decode_tok_s_limit"]
             row["of limit"] = record["roofline"]["fraction"]
         for metric, value in record["metrics"].items():  # downstream tasks, e.g. lm_eval.pydoc_lastword.acc
-            if metric.startswith("lm_eval.") and not metric.endswith("_stderr"):
+            if metric.startswith("lm_eval.") and not metric.endswith(TABLE_LM_EVAL_HIDDEN):
                 row[metric.removeprefix("lm_eval.")] = value
         row["honesty"] = record.get("honesty")
         row["error"] = record.get("error") or ""
@@ -53,7 +88,9 @@ def format_table(run: dict[str, Any]) -> str:
     table = summary_table(run)
     if not table["error"].astype(bool).any():
         table = table.drop(columns="error")
-    return table.to_string(index=False, na_rep="—", float_format=lambda v: f"{v:.4g}")
+    text = table.to_string(index=False, na_rep="—", float_format=lambda v: f"{v:.4g}")
+    legend = table_legend(run)
+    return f"{text}\n{legend}" if legend else text
 
 
 def flat_records(run: dict[str, Any]) -> pd.DataFrame:
@@ -111,7 +148,47 @@ def markdown_table(run: dict[str, Any]) -> str:
     rule = "|" + "|".join("---" for _ in table.columns) + "|"
     rows = ["| " + " | ".join("—" if pd.isna(v) else (f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row) + " |"
             for row in table.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
+    legend = table_legend(run)
+    return "\n".join([header, rule, *rows, *(["", legend] if legend else [])])
+
+
+# (column title, metric name) of the fidelity table: the llama.cpp --kl-divergence set with its errors.
+FIDELITY_COLUMNS = (
+    ("KLD mean", "kld_mean"), ("KLD ± err", "kld_mean_stderr"), ("median", "kld_median"), ("p90", "kld_p90"),
+    ("p95", "kld_p95"), ("p99", "kld_p99"), ("p99.9", "kld_p999"), ("max", "kld_max"),
+    ("Δp mean", "delta_p_mean"), ("Δp ± err", "delta_p_mean_stderr"), ("RMS Δp", "delta_p_rms"),
+    ("Δp p01", "delta_p_p01"), ("Δp p05", "delta_p_p05"), ("Δp p50", "delta_p_p50"), ("Δp p95", "delta_p_p95"),
+    ("Δp p99", "delta_p_p99"), ("same top", "top1_agreement"), ("ln PPL ratio", "ln_ppl_ratio_mean"),
+    ("ln ratio ± err", "ln_ppl_ratio_stderr"), ("cor ln PPL", "ln_ppl_correlation"),
+    ("same output", "samples_exact_match"), ("first diff", "samples_first_diff_mean"),
+)
+
+
+def fidelity_table(run: dict[str, Any]) -> pd.DataFrame:
+    """Per variant, the divergence statistics, the perplexity-ratio interval and the generation agreement."""
+    rows = []
+    for record in run["variants"]:
+        m = record["metrics"]
+        row: dict[str, Any] = {"variant": record["name"]}
+        row.update({title: m.get(metric) for title, metric in FIDELITY_COLUMNS})
+        row[PPL_RATIO_TITLE] = ppl_ratio_text(m, _is_baseline(run, record))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def flips_table(run: dict[str, Any]) -> pd.DataFrame:
+    """One row per variant and lm-eval task: accuracy, recovery, flips (gains / losses) and McNemar's p."""
+    rows = []
+    for record in run["variants"]:
+        m = record["metrics"]
+        tasks = sorted({k.split(".")[1] for k in m if k.startswith("lm_eval.") and k.endswith(".flips")})
+        for task in tasks:
+            prefix = f"lm_eval.{task}."
+            rows.append({"variant": record["name"], "task": task, "acc": m.get(prefix + "acc"),
+                         "recovery %": m.get(prefix + "recovery"), "flips": m.get(prefix + "flips"),
+                         "gains": m.get(prefix + "flips_gain"), "losses": m.get(prefix + "flips_loss"),
+                         "McNemar p": m.get(prefix + "mcnemar_p"), "items": m.get(prefix + "paired_items")})
+    return pd.DataFrame(rows)
 
 
 def sensitivity_text(sensitivity: dict[str, Any]) -> str:
@@ -137,10 +214,26 @@ def export_html(run: dict[str, Any], path: Path) -> None:
 
     from workbench.robustness import calibration_groups, robustness_text
 
+    from workbench.plots import FIDELITY_CHARTS
+
     figures = all_figures(run)
     groups = calibration_groups(run)
     spread = f"<pre>{html.escape(robustness_text(groups))}</pre>" if groups else ""
-    parts = [figure.to_html(full_html=False, include_plotlyjs=(index == 0)) for index, figure in enumerate(figures.values())]
+    rendered = {name: figure.to_html(full_html=False, include_plotlyjs=(index == 0))
+                for index, (name, figure) in enumerate(figures.items())}
+    parts = [part for name, part in rendered.items() if name not in FIDELITY_CHARTS]
+    table_format = {"index": False, "na_rep": "—", "float_format": lambda v: f"{v:.4g}"}
+    flips = flips_table(run)
+    fidelity = (
+        "<h2>Fidelity</h2><p>Divergence from the baseline on the scored tokens (llama.cpp's "
+        "<code>--kl-divergence</code> statistics; percentiles interpolate linearly between ranks), the paired "
+        "perplexity-ratio interval, and how often the greedy sample outputs equal the baseline's.</p>"
+        f"{fidelity_table(run).to_html(**table_format)}"
+        + (f"<p>Flips per lm-eval task (items whose correctness differs from the baseline's; McNemar's paired "
+           f"test):</p>{flips.to_html(**table_format)}" if not flips.empty else "")
+        + "".join(rendered[name] for name in FIDELITY_CHARTS if name in rendered)
+    )
+    legend = f"<p>{html.escape(table_legend(run))}</p>" if table_legend(run) else ""
     note = f"<p><b>Note:</b> {html.escape(run['model']['note'])}</p>" if run["model"].get("note") else ""
     flagged = flags_text(run)
     if flagged:
@@ -149,7 +242,7 @@ def export_html(run: dict[str, Any], path: Path) -> None:
         f"<!doctype html><html><head><meta charset='utf-8'><title>Squeeze Bench run {run['run_id']}</title></head>"
         f"<body><h1>Squeeze Bench: {html.escape(run['preset']['name'])} on {html.escape(run['model']['source'])}</h1>"
         f"<p>run {run['run_id']}, {run['created_at']}</p>{note}"
-        f"{summary_table(run).to_html(index=False, na_rep='—', float_format=lambda v: f'{v:.4g}')}"
-        f"<p>{html.escape(protocol_summary(run))}</p>{spread}{''.join(parts)}</body></html>"
+        f"{summary_table(run).to_html(index=False, na_rep='—', float_format=lambda v: f'{v:.4g}')}{legend}"
+        f"<p>{html.escape(protocol_summary(run))}</p>{spread}{''.join(parts)}{fidelity}</body></html>"
     )
     Path(path).write_text(document, encoding="utf-8")

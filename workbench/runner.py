@@ -32,6 +32,12 @@ METRIC_NAMES = (
     "disk_bytes", "weight_bytes", "peak_rss_bytes", "gpu_peak_bytes", "load_s", "ttft_s", "ttft_s_min", "ttft_s_max",
     "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max", "sparsity", "perplexity",
     "kld_mean", "kld_p99", "top1_agreement", "delta_p_mean",
+    # The llama.cpp --kl-divergence set, the paired perplexity-ratio interval (metrics/quality.py) and
+    # generation agreement with the baseline (metrics/agreement.py).
+    "kld_mean_stderr", "kld_median", "kld_p90", "kld_p95", "kld_p999", "kld_max", "top1_agreement_stderr",
+    "delta_p_mean_stderr", "delta_p_rms", "delta_p_rms_stderr", "delta_p_p01", "delta_p_p05", "delta_p_p50",
+    "delta_p_p95", "delta_p_p99", "ln_ppl_ratio_mean", "ln_ppl_ratio_stderr", "ln_ppl_correlation",
+    "ppl_ratio", "ppl_ratio_ci95", "ppl_indistinguishable", "samples_exact_match", "samples_first_diff_mean",
 )
 
 
@@ -126,7 +132,10 @@ class Runner:
 
         if preset.sensitivity and not self._cancel.is_set():
             run["sensitivity"] = self._sensitivity(records, prep)
-        reference.unlink(missing_ok=True)  # float32 log-probs of every scored token: large, and derivable
+        # 16-bit log-probs of every scored token: large, and derivable; with their per-token side file
+        # (metrics/quality.py per_token_path). baseline_items.json stays: small, and the flips' evidence.
+        for path in (reference, reference.with_name(reference.name + ".per_token.npz")):
+            path.unlink(missing_ok=True)
         statuses = {r["status"] for r in run["variants"]}
         run["status"] = "cancelled" if "cancelled" in statuses else ("ok" if statuses == {"ok"} else "failed")
         run["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -297,6 +306,9 @@ class Runner:
                 "scored": scored_label(preset.eval.context, preset.eval.stride),
                 "scored_tokens": scored_count(windows),
                 "baseline_divergence": "the baseline's KLD / top-1 / delta-p compare a second forward pass with its first",
+                "reference_storage": "baseline log-probs as float16 (KLD within quality_detail.kld_storage_bound); "
+                                     "target log-prob and argmax per token exact",
+                "ppl_ratio_interval": "95 % paired t interval over per-window NLL differences (metrics/quality.py)",
                 "prompt_tokens": preset.latency.prompt_tokens,
                 "latency_prompt": "the first prompt_tokens eval token ids; greedy decoding, EOS ignored",
                 "new_tokens": preset.latency.new_tokens,

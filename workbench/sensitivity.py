@@ -28,7 +28,9 @@ def block_sensitivity(baseline_dir: str, variant_dir: str, tokens: list[int], co
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         reference = Path(scratch) / "reference.npy"
-        evaluate_quality(baseline.logits, tokens, context, stride, write_reference=reference, bos_id=bos_id)
+        # float32: per-block KLDs can be small, and this scratch reference is short-lived.
+        evaluate_quality(baseline.logits, tokens, context, stride, write_reference=reference,
+                         reference_dtype="float32", bos_id=bos_id)
         blocks = list(zip(baseline.model.model.layers, compressed.model.model.layers))
         for index, (base_block, comp_block) in enumerate(blocks):
             emit(f"sensitivity of block {index + 1}/{len(blocks)}")

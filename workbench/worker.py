@@ -82,7 +82,7 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
 
     from workbench.metrics.latency import measure_latency
     from workbench.metrics.memory import gpu_peak_bytes, peak_rss_bytes
-    from workbench.metrics.quality import evaluate_quality
+    from workbench.metrics.quality import QUALITY_METRICS, evaluate_quality
     from workbench.metrics.sparsity import sparsity_report
     from workbench.runtimes import load_variant
     from workbench.runtimes.torch import pick_device
@@ -166,9 +166,11 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
         "load_s": load_s,
         **latency,
         "sparsity": sparsity,
-        **{k: quality[k] for k in ("perplexity", "kld_mean", "kld_p99", "top1_agreement", "delta_p_mean")},
+        **{k: quality[k] for k in QUALITY_METRICS},
         **{k: v for k, v in lm_eval_figures.items() if k.startswith("lm_eval.")},
     }
+    paired, paired_notes = _paired_with_baseline(payload, samples, lm_eval_figures, reference_allowed)
+    metrics.update(paired)
     from workbench.roofline import weights_read
 
     read = weights_read(variant)  # what one decoded token reads, for the roofline
@@ -182,7 +184,9 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
                            "divergence_note": quality["divergence_note"] or (
                                None if reference_allowed else "the GGUF file's vocabulary differs from the source tokenizer's: "
                                "KLD / top-1 / delta-p not computed"),
-                           "lm_eval_error": lm_eval_figures.get("lm_eval_error")},
+                           "lm_eval_error": lm_eval_figures.get("lm_eval_error"),
+                           "ppl_ratio_note": quality["ppl_ratio_note"],
+                           "kld_storage_bound": quality["kld_storage_bound"], **paired_notes},
         "runtime": {"name": payload["runtime"], "threads": threads if payload["runtime"] != "torch" else torch.get_num_threads(),
                     "device": device},
         **details,
@@ -197,7 +201,54 @@ def _sample(variant, prompt: str, new_tokens: int) -> dict:
         if token in eos:
             break
         output.append(token)
-    return {"prompt": prompt, "output": variant.tokenizer.decode(output, skip_special_tokens=True)}
+    return {"prompt": prompt, "output": variant.tokenizer.decode(output, skip_special_tokens=True), "output_ids": output}
+
+
+def _paired_with_baseline(payload: dict, samples: list[dict], lm_eval_figures: dict,
+                          same_vocab: bool) -> tuple[dict, dict]:
+    """Flips per lm-eval task and generation agreement against the baseline's items (metrics/agreement.py).
+
+    The baseline writes its items beside the reference log-probs; later variants read them. Returns
+    (metrics, notes); a figure that does not apply is None and its note says why.
+    """
+    from workbench.metrics.agreement import (FLIP_KEYS, flip_statistics, generation_agreement, items_path,
+                                             read_items, write_items)
+
+    outputs = [s["output_ids"] for s in samples]
+    items = lm_eval_figures.get("lm_eval_items") or {}
+    tasks = list(items) or (payload["lm_eval"]["tasks"] if payload.get("lm_eval") else [])
+    metrics: dict = {"samples_exact_match": None, "samples_first_diff_mean": None,
+                     **{f"lm_eval.{task}.{key}": None for task in tasks for key in FLIP_KEYS}}
+    notes: dict = {}
+    if items:  # the evidence behind the flips: this variant's per-item correctness, {task: {doc_id: correct}}
+        notes["lm_eval_items"] = items
+    if payload.get("write_reference"):
+        write_items(items_path(Path(payload["write_reference"])), items, outputs)
+        notes["paired_note"] = "this is the baseline: flips and generation agreement are measured against it"
+        return metrics, notes
+    baseline = read_items(items_path(Path(payload["reference"]))) if payload.get("reference") else None
+    if baseline is None:
+        notes["paired_note"] = "no baseline items (the baseline failed or was not measured): flips and agreement are null"
+        return metrics, notes
+    if same_vocab:
+        agreement = generation_agreement(baseline["samples"], outputs)
+        metrics.update({k: agreement[k] for k in ("samples_exact_match", "samples_first_diff_mean")})
+        notes["samples_note"] = agreement["note"]
+    else:
+        notes["samples_note"] = "the vocabulary differs from the baseline's: output token ids are not comparable"
+    flip_notes = {}
+    for task, variant_items in items.items():
+        base_items = baseline["lm_eval"].get(task)
+        if base_items is None:
+            flip_notes[task] = "the baseline has no per-item results for this task"
+            continue
+        stats = flip_statistics(base_items, variant_items)
+        metrics.update({f"lm_eval.{task}.{key}": stats[key] for key in FLIP_KEYS})
+        if stats["note"]:
+            flip_notes[task] = stats["note"]
+    if flip_notes:
+        notes["flips_notes"] = flip_notes
+    return metrics, notes
 
 
 def prepare_source(payload: dict, emit: Emit) -> dict:

@@ -36,9 +36,22 @@ def lm_for(variant: Any, device: str, batch_size: int, bos_id: int | None = None
     raise RuntimeError(f"no lm-eval adapter for the {type(variant).__name__} runtime")
 
 
+def item_correctness(samples: dict[str, list[dict]]) -> dict[str, dict[str, bool]]:
+    """{task: {doc_id: correct}} from lm-eval's logged samples, by each item's `acc` (tasks without it are left out).
+
+    The per-item results are what flips and McNemar's test pair across variants (metrics/agreement.py).
+    """
+    items: dict[str, dict[str, bool]] = {}
+    for task, logged in samples.items():
+        scored = {str(s["doc_id"]): bool(s["acc"]) for s in logged if isinstance(s.get("acc"), (int, float))}
+        if scored:
+            items[task] = scored
+    return items
+
+
 def run_tasks(variant: Any, tasks: list[str], limit: int | None, batch_size: int, device: str,
               bos_id: int | None = None) -> dict[str, Any]:
-    """{'lm_eval.<task>.<metric>': value, ...} plus `lm_eval_error` (None when all went well).
+    """{'lm_eval.<task>.<metric>': value, ...}, `lm_eval_items` ({task: {doc_id: correct}}) and `lm_eval_error`.
 
     `bos_id`: requests start with BOS (the run's BOS policy, validity.py)."""
     names = [f"lm_eval.{task}.{metric}" for task in tasks for metric in ("acc", "acc_stderr")]
@@ -47,11 +60,12 @@ def run_tasks(variant: Any, tasks: list[str], limit: int | None, batch_size: int
 
         os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
         results = simple_evaluate(model=lm_for(variant, device, batch_size, bos_id), tasks=task_specs(tasks), limit=limit,
-                                  log_samples=False, bootstrap_iters=1000, random_seed=0)
+                                  log_samples=True, bootstrap_iters=1000, random_seed=0)
     except Exception as exc:  # lm-eval's own failure: only its metrics become null
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return {**{name: None for name in names}, "lm_eval_error": f"{type(exc).__name__}: {message}"}
-    figures: dict[str, Any] = {"lm_eval_error": None}
+        return {**{name: None for name in names}, "lm_eval_items": {},
+                "lm_eval_error": f"{type(exc).__name__}: {message}"}
+    figures: dict[str, Any] = {"lm_eval_error": None, "lm_eval_items": item_correctness(results.get("samples") or {})}
     for task, values in results["results"].items():
         for key, value in values.items():
             if "," not in key or not isinstance(value, (int, float)):

@@ -75,7 +75,9 @@ def estimate_measure_s(est: WeightEstimate, protocol: dict[str, Any], profile: d
     read = {"embedding_bytes": est.embedding_bytes, "embedding_rows": shape.vocab, "tied": shape.tied}
     per_token = bytes_per_token(est.weight_bytes, read) / bandwidth + overhead  # decode: weights streamed once
     lat = protocol["latency"]
-    latency = (lat["warmup"] + lat["repeats"]) * (prefill(lat["prompt_tokens"]) + (lat["new_tokens"] - 1) * per_token)
+    # Adaptive repeats run at least 6 (the first count with a 95 % interval); more on a noisy machine.
+    repeats = max(lat["repeats"], 6) if lat.get("target_ci") else lat["repeats"]
+    latency = (lat["warmup"] + repeats) * (prefill(lat["prompt_tokens"]) + (lat["new_tokens"] - 1) * per_token)
     samples = protocol["sample_prompts"] * (prefill(30) + protocol["sample_tokens"] * per_token)
     tokens = protocol["eval_tokens"]
     windows = max(1, math.ceil(tokens / protocol["stride"]))

@@ -239,6 +239,8 @@ def plan_preset_file(preset: Any, recalibrate: bool = False, emit: Any = print) 
 
 
 def plan_text(preset: Any, plans: list[VariantPlan], context: dict[str, Any], budget_gb: float | None) -> str:
+    from workbench.roofline import calibration_note
+
     shape, profile = context["shape"], context["profile"]
     lines = [f"Plan for '{preset.name}' on {preset.model}: {shape.params() / 1e6:.1f} M parameters "
              f"({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}, "
@@ -247,7 +249,7 @@ def plan_text(preset: Any, plans: list[VariantPlan], context: dict[str, Any], bu
         lines.append(f"This machine ({profile['machine']['cpu']}, {preset.threads} threads): memory bandwidth "
                      f"{profile['bandwidth']['bandwidth_bytes_s'] / 1e9:.1f} GB/s, matmul "
                      f"{profile['matmul']['flops_s'] / 1e9:.0f} GFLOP/s, torch import {profile['import_s']:.1f} s "
-                     f"(measured {profile['measured_at']}; --recalibrate to measure again).")
+                     f"(measured {profile['measured_at']}{calibration_note(profile)}; --recalibrate to measure again).")
     lines.append(format_plan(plans, budget_gb))
     if context.get("prepare"):
         lines.append(f"first: {context['prepare']}")

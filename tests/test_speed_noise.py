@@ -214,3 +214,49 @@ def test_pinning_uses_the_lowest_allowed_cores_and_new_threads_inherit(tmp_path)
     assert outcome.result == {"pinned": allowed[:1], "main": allowed[:1], "thread": allowed[:1]}
     many = run_in_worker("tests.test_speed_noise:pinned_target", len(allowed) + 4, tmp_path / "pin2.log")
     assert many.result["pinned"] == allowed  # more threads than cores: all of them, no error
+
+
+def _run_document() -> dict:
+    def record(name: str, rates: list[float], other: float) -> dict:
+        from workbench.runner import METRIC_NAMES
+
+        metrics = {**dict.fromkeys(METRIC_NAMES), "weight_bytes": 1e8, **summarize(_repeats(rates, other=other), 32, NEW_TOKENS)}
+        return {"name": name, "method": "fp32", "status": "ok", "honesty": "real-kernel", "error": None,
+                "metrics": metrics, "layers": [], "samples": []}
+
+    steady = [100.0 * (1 + 0.005 * k) for k in range(-4, 5)]
+    return {"run_id": "r", "created_at": "now", "preset": {"name": "p", "baseline": "steady"},
+            "model": {"source": "x", "note": None},
+            "variants": [record("steady", steady, 0.0), record("busy", [50.0, 150.0, 90.0, 120.0, 60.0, 140.0], 0.8)]}
+
+
+def test_table_chart_and_report_show_the_interval_and_the_flag(tmp_path) -> None:
+    from workbench.plots import latency
+    from workbench.report import export_html, speed_note, summary_table
+
+    run = _run_document()
+    table = summary_table(run).set_index("variant")
+    steady_ci = run["variants"][0]["metrics"]["decode_tok_s_ci95"]
+    assert table.loc["steady", "decode tok/s 95% CI"] == f"{steady_ci[0]:.4g}–{steady_ci[1]:.4g}"
+    assert table.loc["steady", "TTFT ms 95% CI"] == "100–100"  # every TTFT is 0.1 s
+    assert table.loc["steady", "speed noisy"] == "no" and table.loc["busy", "speed noisy"] == "NOISY"
+    assert table.loc["busy", "other cores"] == pytest.approx(0.8) and table.loc["busy", "repeats"] == 6
+
+    decode = latency(run).data[1]
+    busy = run["variants"][1]["metrics"]
+    # The bars reach from the median to the ends of its interval ([min, max] of the six busy repeats: 50 and 150).
+    assert decode.error_y.arrayminus[1] == pytest.approx(busy["decode_tok_s"] - 50.0)
+    assert decode.error_y.array[1] == pytest.approx(150.0 - busy["decode_tok_s"])
+    assert list(decode.text) == ["", "NOISY"]
+
+    assert speed_note(run).startswith("Speed figures flagged NOISY: busy (")
+    export_html(run | {"environment": _ENV, "protocol": _PROTOCOL}, tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert "flagged NOISY: busy" in page and "decode tok/s 95% CI" in page
+
+
+_ENV = {"cpu": "cpu", "device": "cpu", "threads": 1, "torch": "t", "transformers": "t", "bitsandbytes": "b"}
+_PROTOCOL = {"scored_tokens": 1, "eval_tokens": 1, "eval_text": "pydoc", "context": 2, "stride": 2, "scored": "all",
+             "prompt_tokens": 32, "new_tokens": NEW_TOKENS, "repeats": 5, "warmup": 1, "peak_rss": "VmHWM",
+             "latency_repeats": "at least 5", "latency_ci95": "order statistics", "contention": "other cores",
+             "speed_noisy": "+-10 % or 0.25 core"}

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from workbench.metrics.latency import (CpuSample, MIN_CI_REPEATS, Repeat, measure_contention, measure_latency,
-                                       median_ci, other_cores, summarize)
+from workbench.metrics.latency import (CpuSample, MIN_CI_REPEATS, Repeat, interleaved_latency, measure_contention,
+                                       measure_latency, median_ci, other_cores, summarize)
 from workbench.process import run_in_worker
 
 NEW_TOKENS = 9  # 8 decode intervals per repeat
@@ -260,3 +260,104 @@ _PROTOCOL = {"scored_tokens": 1, "eval_tokens": 1, "eval_text": "pydoc", "contex
              "prompt_tokens": 32, "new_tokens": NEW_TOKENS, "repeats": 5, "warmup": 1, "peak_rss": "VmHWM",
              "latency_repeats": "at least 5", "latency_ci95": "order statistics", "contention": "other cores",
              "speed_noisy": "+-10 % or 0.25 core"}
+
+
+def test_interleaved_pass_times_round_robin() -> None:
+    machine, calls = FakeMachine(), []
+
+    def model(name: str, rate: float):
+        def generate(ids: Sequence[int], n: int) -> Iterator[int]:
+            calls.append(name)
+            machine.now += 0.1
+            yield 1
+            for _ in range(n - 1):
+                machine.now += 1 / rate
+                yield 1
+        return generate
+
+    generates = {"base": model("base", 50.0), "a": model("a", 100.0), "b": model("b", 200.0)}
+    result = interleaved_latency(generates, "base", list(range(32)), NEW_TOKENS, warmup=1, repeats=4, target_ci=None,
+                                 clock=machine.clock, probe=machine.probe)
+    assert calls == ["base", "a", "b"] * 5  # one warm-up round, then four timed rounds in the same order
+    assert result["rounds"] == 4 and result["stop"] == "repeats" and result["order"] == ["base", "a", "b"]
+    assert result["variants"]["b"]["decode_ratio"] == pytest.approx(4.0)
+    assert result["variants"]["base"]["decode_ratio"] == pytest.approx(1.0)
+
+
+def test_pairing_by_round_cancels_drift() -> None:
+    """The machine slows down 3 % per round: each variant's own interval is wide, its ratio's is not."""
+    machine = FakeMachine()
+    slowdown = iter(np.repeat(1 - 0.03 * np.arange(40), 2))  # one factor per call, two variants per round
+
+    def model(rate: float, ttft_s: float):
+        def generate(ids: Sequence[int], n: int) -> Iterator[int]:
+            factor = next(slowdown)
+            machine.now += ttft_s / factor
+            yield 1
+            for _ in range(n - 1):
+                machine.now += 1 / (rate * factor)
+                yield 1
+        return generate
+
+    result = interleaved_latency({"base": model(20.0, 0.4), "q4": model(100.0, 0.1)}, "base", list(range(32)),
+                                 NEW_TOKENS, warmup=0, repeats=12, target_ci=0.05, clock=machine.clock,
+                                 probe=machine.probe)
+    q4 = result["variants"]["q4"]
+    assert q4["speed_noisy"] is True  # its own decode interval spans the drift
+    assert q4["decode_ratio"] == pytest.approx(5.0) and q4["ttft_ratio"] == pytest.approx(0.25)
+    assert q4["decode_ratio_ci95"] == [pytest.approx(5.0), pytest.approx(5.0)]
+    assert result["stop"] == "target_ci" and result["rounds"] == 12
+
+
+def test_interleaved_ratio_interval_is_the_order_statistics_of_the_round_ratios() -> None:
+    machine = FakeMachine()
+    rng = np.random.default_rng(3)
+    base_rates, q_rates = rng.uniform(15, 25, size=11), rng.uniform(80, 140, size=11)
+    streams = {"base": iter(base_rates), "q": iter(q_rates)}
+
+    def model(name: str):
+        def generate(ids: Sequence[int], n: int) -> Iterator[int]:
+            rate = next(streams[name])
+            machine.now += 0.1
+            yield 1
+            for _ in range(n - 1):
+                machine.now += 1 / rate
+                yield 1
+        return generate
+
+    result = interleaved_latency({"base": model("base"), "q": model("q")}, "base", list(range(32)), NEW_TOKENS,
+                                 warmup=0, repeats=11, target_ci=None, clock=machine.clock, probe=machine.probe)
+    ratios = q_rates / base_rates
+    low, high, _ = _scipy_interval(ratios.tolist())
+    q = result["variants"]["q"]
+    assert q["decode_ratio"] == pytest.approx(float(np.median(ratios)))
+    assert q["decode_ratio_ci95"] == [pytest.approx(low), pytest.approx(high)]
+
+
+def test_a_run_records_the_speed_figures_and_the_interleaved_pass(write_preset) -> None:
+    """A real run of two tiny variants: the contract keys, the stop reason, pinned cores, the paired ratios."""
+    from workbench.presets import load_preset
+    from workbench.report import summary_table
+    from workbench.runner import Runner
+
+    path = write_preset([{"name": "fp32", "method": "fp32"}, {"name": "half", "method": "fp16"}], name="speed",
+                        latency={"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2, "max_seconds": 2,
+                                 "interleave": True})
+    run = Runner(load_preset(path)).run()
+    assert run["status"] == "ok", [r["error"] for r in run["variants"]]
+    allowed = sorted(os.sched_getaffinity(0))
+    for record in run["variants"]:
+        m = record["metrics"]
+        assert isinstance(m["latency_repeats"], int) and m["latency_repeats"] >= 2
+        assert m["latency_repeats"] == len(record["latency"]["repeats"])
+        assert record["latency"]["stop"] in ("target_ci", "max_seconds", "max_repeats")
+        low, high = m["decode_tok_s_ci95"]
+        assert low <= m["decode_tok_s"] <= high and m["ttft_s_ci95"][0] <= m["ttft_s"] <= m["ttft_s_ci95"][1]
+        assert isinstance(m["speed_noisy"], bool) and m["contention"] >= 0
+        assert record["runtime"]["pinned_cpus"] == allowed[:1]
+        assert record["interleaved"]["rounds"] >= 2
+    half = next(r for r in run["variants"] if r["name"] == "half")["interleaved"]
+    assert half["decode_ratio_ci95"][0] <= half["decode_ratio"] <= half["decode_ratio_ci95"][1]
+    assert run["protocol"]["interleave"].startswith("interleaved pass (")
+    assert "order fp32 half" in run["protocol"]["interleave"]
+    assert summary_table(run).set_index("variant").loc["fp32", "decode x baseline"] == pytest.approx(1.0)

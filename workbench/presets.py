@@ -56,6 +56,9 @@ class LatencySpec(StrictModel):
                                                        "included) are spent, interval reached or not.")
     max_repeats: int = Field(500, gt=0, description="Stop repeating after this many timed repeats.")
     pin_threads: bool = Field(True, description="Pin the measuring worker's threads to a fixed set of cores.")
+    interleave: bool | None = Field(None, description="After the run, time all variants again round-robin in one "
+                                    "worker and report paired ratios to the baseline; null: when they fit in memory "
+                                    "together, false: never (workbench/speedpass.py).")
 
 
 class SamplesSpec(StrictModel):

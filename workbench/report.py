@@ -48,6 +48,9 @@ def summary_table(run: dict[str, Any]) -> pd.DataFrame:
                 row["other cores"] = metrics.get("contention")
                 noisy = metrics.get("speed_noisy")
                 row["speed noisy"] = None if noisy is None else ("NOISY" if noisy else "no")
+        if record.get("interleaved"):  # the paired ratio from the round-robin pass (speedpass.py)
+            row["decode x baseline"] = record["interleaved"]["decode_ratio"]
+            row["x baseline 95% CI"] = _interval(record["interleaved"]["decode_ratio_ci95"], 1.0)
         if record.get("gguf"):  # the file's real mix, not its nominal type
             row["bits/w"] = record["gguf"]["bits_per_weight"]
         if record.get("roofline"):  # decode speed against this machine's memory-bandwidth limit (roofline.py)

@@ -126,6 +126,13 @@ class Runner:
             self._write_results(run)
             self._emit(spec.name, record["status"], record["error"] or "done", step)
 
+        if not self._cancel.is_set():
+            from workbench.speedpass import interleaved_pass
+
+            if interleaved_pass(self, records, run):  # paired speed ratios (speedpass.py): store the records again
+                for position, record in records.items():
+                    history.save_variant(self.run_id, position, record)
+                self._write_results(run)
         if preset.sensitivity and not self._cancel.is_set():
             run["sensitivity"] = self._sensitivity(records, prep)
         reference.unlink(missing_ok=True)  # float32 log-probs of every scored token: large, and derivable

@@ -264,3 +264,90 @@ def measure_latency(
                          "other_cores": r.other_cores} for r in series],
         })
     return result
+
+
+# ---- the interleaved speed pass --------------------------------------------------------------------
+
+
+def ratio_summary(values: Sequence[float]) -> tuple[float, list[float]]:
+    """(median, 95 % interval) of per-round ratios: the pairing by round cancels what hit the round."""
+    low, high, _ = median_ci(values)
+    return statistics.median(values), [low, high]
+
+
+def interleaved_stop(rounds: Sequence[dict[str, Repeat]], baseline: str, new_tokens: int, minimum: int,
+                     target_ci: float | None, spent_s: float, max_seconds: float, max_repeats: int) -> str | None:
+    """Like `stop_reason`, on every variant's paired decode and TTFT ratio to the baseline."""
+    n = len(rounds)
+    if n < minimum:
+        return None
+    if target_ci is None:
+        return "repeats"
+    if n >= MIN_CI_REPEATS:
+        widths = []
+        for name in rounds[0]:
+            if name == baseline:
+                continue
+            for ratios in _round_ratios(rounds, name, baseline, new_tokens):
+                median, (low, high) = ratio_summary(ratios)
+                widths.append(relative_half_width(low, high, median))
+        if not widths or max(widths) <= target_ci:
+            return "target_ci"
+    if spent_s >= max_seconds:
+        return "max_seconds"
+    if n >= max_repeats:
+        return "max_repeats"
+    return None
+
+
+def _round_ratios(rounds: Sequence[dict[str, Repeat]], name: str, baseline: str,
+                  new_tokens: int) -> tuple[list[float], list[float]]:
+    """(decode speed ratios, TTFT ratios) of `name` over the baseline, one per round."""
+    decode = [(new_tokens - 1) / r[name].decode_s / ((new_tokens - 1) / r[baseline].decode_s) for r in rounds]
+    ttft = [r[name].ttft_s / r[baseline].ttft_s for r in rounds]
+    return decode, ttft
+
+
+def interleaved_latency(
+    generates: dict[str, Callable[[Sequence[int], int], Iterator[int]]],
+    baseline: str,
+    prompt: Sequence[int],
+    new_tokens: int,
+    warmup: int,
+    repeats: int,
+    target_ci: float | None = None,
+    max_seconds: float = 60.0,
+    max_repeats: int = 500,
+    clock: Callable[[], float] = time.perf_counter,
+    probe: Callable[[], CpuSample] = cpu_sample,
+) -> dict[str, Any]:
+    """Time every variant once per round, in the same order every round (A B C A B C ...).
+
+    Drift and background load then hit every variant of a round alike, so each round's ratio to the
+    baseline is a paired comparison; the reported ratio is the median over rounds with its 95 %
+    order-statistic interval. `repeats` is the minimum number of rounds; `max_seconds` is per variant
+    (the pass may take len(generates) times as long), like the sequential pass's budget.
+    """
+    names = list(generates)
+    if baseline not in generates:
+        raise ValueError(f"the baseline {baseline!r} is not among the interleaved variants")
+    started = clock()
+    for _ in range(warmup):
+        for name in names:
+            time_one(generates[name], prompt, new_tokens, clock)
+    rounds: list[dict[str, Repeat]] = []
+    while True:
+        rounds.append({name: timed_repeat(generates[name], prompt, new_tokens, clock, probe) for name in names})
+        reason = interleaved_stop(rounds, baseline, new_tokens, repeats, target_ci, clock() - started,
+                                  max_seconds * len(names), max_repeats)
+        if reason is not None:
+            break
+    variants = {}
+    for name in names:
+        figures = summarize([r[name] for r in rounds], len(prompt), new_tokens)
+        decode, ttft = _round_ratios(rounds, name, baseline, new_tokens)
+        figures["decode_ratio"], figures["decode_ratio_ci95"] = ratio_summary(decode)
+        figures["ttft_ratio"], figures["ttft_ratio_ci95"] = ratio_summary(ttft)
+        variants[name] = figures
+    return {"rounds": len(rounds), "stop": reason, "order": names, "baseline": baseline,
+            "timing_s": clock() - started, "variants": variants}

@@ -112,8 +112,11 @@ def protocol_summary(run: dict[str, Any]) -> str:
 def _repeats_text(protocol: dict[str, Any]) -> str:
     if "latency_ci95" not in protocol:  # runs from before the speed intervals
         return f"median of {protocol['repeats']}"
-    return (f"median of {protocol['latency_repeats']} ('repeats' per variant), with a {protocol['latency_ci95']} "
+    text = (f"median of {protocol['latency_repeats']} ('repeats' per variant), with a {protocol['latency_ci95']} "
             f"('95% CI'); 'other cores': {protocol['contention']}; 'speed noisy': {protocol['speed_noisy']}")
+    if protocol.get("interleave"):
+        text += f"; 'decode x baseline': {protocol['interleave']}"
+    return text
 
 
 def speed_note(run: dict[str, Any]) -> str | None:

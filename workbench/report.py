@@ -105,7 +105,7 @@ def protocol_summary(run: dict[str, Any]) -> str:
         f"{protocol['scored_tokens']} scored tokens of {protocol['eval_tokens']} ({protocol['eval_text']}), "
         f"context {protocol['context']}, stride {protocol['stride']}, scored '{protocol['scored']}'. "
         f"Latency: {protocol['prompt_tokens']}-token prompt, {protocol['new_tokens']} greedy tokens, "
-        f"{_repeats_text(protocol)} after {protocol['warmup']} warm-up. Peak RSS: {protocol['peak_rss']}."
+        f"{protocol['warmup']} warm-up run(s), then the {_repeats_text(protocol)}. Peak RSS: {protocol['peak_rss']}."
     )
 
 

@@ -99,8 +99,13 @@ def test_calibration_under_contention_is_not_cached_and_clean_ones_keep_the_best
     machine = _LoadedMachine()
     monkeypatch.setattr(roofline, "workbench_home", lambda: tmp_path)
     monkeypatch.setattr(roofline, "_cpu_probe", machine.probe)
-    monkeypatch.setattr(roofline, "measure_bandwidth", lambda threads: {"bandwidth_bytes_s": machine.bandwidth,
-                                                                        "method": "stand-in", "threads": threads})
+    def bandwidth(threads: int) -> dict:
+        import time
+
+        time.sleep(0.2)  # a known duration, so the microseconds between the probe and clock readings are noise
+        return {"bandwidth_bytes_s": machine.bandwidth, "method": "stand-in", "threads": threads}
+
+    monkeypatch.setattr(roofline, "measure_bandwidth", bandwidth)
     monkeypatch.setattr(roofline, "measure_matmul", lambda threads: {"flops_s": machine.flops})
 
     def in_process(target, payload, log_path, on_event=lambda _m: None, **_kwargs):

@@ -14,7 +14,7 @@ import pytest
 ray = pytest.importorskip("ray")
 
 TIMED = "tests.worker_targets:timed_window"
-STEP_S = 1.0
+STEP_S = 5.0  # long against the seconds a spawned worker takes to start, so unrestricted steps would overlap
 
 
 @pytest.fixture(scope="module")

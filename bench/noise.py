@@ -1,6 +1,7 @@
 """Speed figures under background load: fp32 and Q4_K_M of the bundled model, idle and loaded.
 
     python bench/noise.py [--preset presets/quickstart.yaml] [--max-seconds 60] [--load-procs N]
+    python bench/noise.py --max-seconds 1 --repeats 1 --warmup 0 --new-tokens 4 --load-procs 1   # smoke run
 
 Each variant is timed in its own fresh worker process exactly as a run's measuring step times it
 (threads pinned, `warmup` untimed runs, adaptive repeats of the preset's latency protocol until both
@@ -74,6 +75,9 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, help="timing budget per variant (default: the preset's)")
     parser.add_argument("--load-procs", type=int, default=os.cpu_count() or 1, help="busy processes (default: one per core)")
     parser.add_argument("--load-max-s", type=float, default=900.0, help="each busy process ends by itself after this")
+    # Overrides of the preset's latency protocol, for a quick smoke run of the script itself.
+    for name in ("prompt-tokens", "new-tokens", "warmup", "repeats"):
+        parser.add_argument(f"--{name}", type=int, help=f"latency.{name.replace('-', '_')} (default: the preset's)")
     args = parser.parse_args()
 
     from workbench.methods.registry import get_method
@@ -83,6 +87,9 @@ def main() -> None:
     latency = preset.latency.model_dump()
     if args.max_seconds:
         latency["max_seconds"] = args.max_seconds
+    for key in ("prompt_tokens", "new_tokens", "warmup", "repeats"):
+        if getattr(args, key) is not None:
+            latency[key] = getattr(args, key)
     variants = {"fp32": ("fp32", {}), args.quant: ("gguf", {"quant": args.quant})}
     artifacts = {name: (built_artifact(source, method, options, preset.threads), get_method(method).runtime)
                  for name, (method, options) in variants.items()}

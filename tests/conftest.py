@@ -11,7 +11,9 @@ import yaml
 
 TINY_VARIANT_DEFAULTS = {
     "eval": {"text": "pydoc", "max_tokens": 384, "context": 128, "stride": 128},
-    "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2},
+    # A short timing budget (adaptive repeats would otherwise spend up to a minute per variant on a busy box)
+    # and no interleaved speed pass: tests/test_speed_noise.py runs that one.
+    "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2, "max_seconds": 2, "interleave": False},
     "samples": {"prompts": ["What is a list?"], "new_tokens": 4},
 }
 

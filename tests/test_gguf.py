@@ -16,7 +16,7 @@ from workbench.runner import Runner
 
 CTX = BuildContext(device="cpu", threads=2, trust_remote_code=False, emit=lambda _m: None)
 SHORT = {"eval": {"text": "pydoc", "max_tokens": 256, "context": 128, "stride": 128},
-         "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2},
+         "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2, "max_seconds": 2, "interleave": False},
          "samples": {"prompts": ["Hello"], "new_tokens": 4}}
 
 

@@ -170,7 +170,7 @@ def test_cancel_marks_the_rest_cancelled(write_preset, tmp_path) -> None:
 
 def test_corrupted_cache_entry_is_rebuilt_and_no_cache_rebuilds(write_preset, tmp_path) -> None:
     path = write_preset([{"name": "bf16", "method": "bf16"}], name="cache",
-                        latency={"prompt_tokens": 8, "new_tokens": 2, "warmup": 0, "repeats": 1})
+                        latency={"prompt_tokens": 8, "new_tokens": 2, "warmup": 0, "repeats": 1, "max_seconds": 2, "interleave": False})
     first = Runner(load_preset(path), out_dir=tmp_path / "a").run()
     artifact = Path(first["variants"][0]["artifact_path"])
     weights = artifact / "model.safetensors"
@@ -196,7 +196,7 @@ def test_bitsandbytes_unavailable_fails_only_bnb_variants(write_preset, tmp_path
     # Spawned workers start from the parent's sys.path, so the broken package goes first there.
     monkeypatch.syspath_prepend(str(fake.parent))
     path = write_preset([{"name": "fp32", "method": "fp32"}, {"name": "nf4", "method": "bnb-nf4"}], name="nobnb",
-                        latency={"prompt_tokens": 8, "new_tokens": 2, "warmup": 0, "repeats": 1})
+                        latency={"prompt_tokens": 8, "new_tokens": 2, "warmup": 0, "repeats": 1, "max_seconds": 2, "interleave": False})
     run = Runner(load_preset(path), out_dir=tmp_path / "out", use_cache=False).run()
     fp32, nf4 = run["variants"]
     assert fp32["status"] == "ok"

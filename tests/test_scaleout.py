@@ -184,3 +184,15 @@ def test_preset_ray_field_and_models_expansion(presets) -> None:
     assert parse_preset(yaml.safe_load(dump_preset(preset))).ray == "auto"
     both = expand([load_preset(presets[0]), load_preset(presets[1])], ["m1", "m2"])
     assert [(p.name, p.model) for p in both] == [("tiny-a", "m1"), ("tiny-a", "m2"), ("tiny-b", "m1"), ("tiny-b", "m2")]
+
+
+def test_timing_steps_warn_when_no_node_declares_the_resource(local_ray, tmp_path) -> None:
+    """The module's Ray declares no timing resource: the step still runs (asking for it would hang) and says so."""
+    from workbench.scaleout import TIMING_RESOURCE, RayExecutor
+
+    executor = RayExecutor(num_cpus=1, timing_targets=("tests.test_scaleout:sleep_target",))
+    events: list[str] = []
+    outcome = executor("tests.test_scaleout:sleep_target", 0.1, tmp_path / "logs" / "t.log", on_event=events.append)
+    executor.close()
+    assert outcome.ok, outcome.error
+    assert any(e.startswith("warning: no node declares the " + TIMING_RESOURCE) for e in events)

@@ -32,3 +32,13 @@ def kill_self(payload: dict, emit: Callable[[str], None]) -> None:
 
 def segfault(payload: dict, emit: Callable[[str], None]) -> None:
     ctypes.string_at(0)  # reads address 0: SIGSEGV in native code
+
+
+def timed_window(payload: float, emit: Callable[[str], None]) -> dict:
+    """A stand-in timing step: holds its node for `payload` seconds and reports when (the Ray task adds the node)."""
+    import time
+
+    started = time.time()
+    emit("timing")
+    time.sleep(payload)
+    return {"window": [started, time.time()], "runtime": {}}

@@ -134,6 +134,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if flags_text(result):
         print(flags_text(result))
     print(protocol_summary(result))
+    from workbench.report import speed_note
+
+    if speed_note(result):
+        print(speed_note(result))
     from workbench.planner import estimate_vs_actual
     from workbench.roofline import roofline_text
 

@@ -75,7 +75,9 @@ def estimate_measure_s(est: WeightEstimate, protocol: dict[str, Any], profile: d
     read = {"embedding_bytes": est.embedding_bytes, "embedding_rows": shape.vocab, "tied": shape.tied}
     per_token = bytes_per_token(est.weight_bytes, read) / bandwidth + overhead  # decode: weights streamed once
     lat = protocol["latency"]
-    latency = (lat["warmup"] + lat["repeats"]) * (prefill(lat["prompt_tokens"]) + (lat["new_tokens"] - 1) * per_token)
+    # Adaptive repeats run at least 6 (the first count with a 95 % interval); more on a noisy machine.
+    repeats = max(lat["repeats"], 6) if lat.get("target_ci") else lat["repeats"]
+    latency = (lat["warmup"] + repeats) * (prefill(lat["prompt_tokens"]) + (lat["new_tokens"] - 1) * per_token)
     samples = protocol["sample_prompts"] * (prefill(30) + protocol["sample_tokens"] * per_token)
     tokens = protocol["eval_tokens"]
     windows = max(1, math.ceil(tokens / protocol["stride"]))
@@ -237,6 +239,8 @@ def plan_preset_file(preset: Any, recalibrate: bool = False, emit: Any = print) 
 
 
 def plan_text(preset: Any, plans: list[VariantPlan], context: dict[str, Any], budget_gb: float | None) -> str:
+    from workbench.roofline import calibration_note
+
     shape, profile = context["shape"], context["profile"]
     lines = [f"Plan for '{preset.name}' on {preset.model}: {shape.params() / 1e6:.1f} M parameters "
              f"({shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}, "
@@ -245,7 +249,7 @@ def plan_text(preset: Any, plans: list[VariantPlan], context: dict[str, Any], bu
         lines.append(f"This machine ({profile['machine']['cpu']}, {preset.threads} threads): memory bandwidth "
                      f"{profile['bandwidth']['bandwidth_bytes_s'] / 1e9:.1f} GB/s, matmul "
                      f"{profile['matmul']['flops_s'] / 1e9:.0f} GFLOP/s, torch import {profile['import_s']:.1f} s "
-                     f"(measured {profile['measured_at']}; --recalibrate to measure again).")
+                     f"(measured {profile['measured_at']}{calibration_note(profile)}; --recalibrate to measure again).")
     lines.append(format_plan(plans, budget_gb))
     if context.get("prepare"):
         lines.append(f"first: {context['prepare']}")

@@ -56,6 +56,16 @@ def memory(run: dict[str, Any]):
     return figure
 
 
+def _error_bars(m: list[dict[str, Any]], metric: str, scale: float) -> dict[str, Any]:
+    """Asymmetric bars: the median's 95 % interval where the record has one, else min-max (older runs)."""
+    def bounds(x: dict[str, Any]) -> tuple[float, float]:
+        ci = x.get(f"{metric}_ci95")
+        return (ci[0], ci[1]) if ci and ci[0] is not None else (x[f"{metric}_min"], x[f"{metric}_max"])
+
+    return {"type": "data", "symmetric": False, "array": [(bounds(x)[1] - x[metric]) * scale for x in m],
+            "arrayminus": [(x[metric] - bounds(x)[0]) * scale for x in m]}
+
+
 def latency(run: dict[str, Any]):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
@@ -63,13 +73,16 @@ def latency(run: dict[str, Any]):
     records = _ok(run)
     names = [r["name"] for r in records]
     m = [r["metrics"] for r in records]
+    # Noisy speed figures are hatched and labelled, so a bar that is noise does not pass for a result.
+    noisy = [bool(x.get("speed_noisy")) for x in m]
+    pattern = {"shape": ["/" if n else "" for n in noisy]}
+    labels = ["NOISY" if n else "" for n in noisy]
     figure = make_subplots(rows=1, cols=2, subplot_titles=("time to first token (ms)", "decode tok/s"))
-    figure.add_trace(go.Bar(x=names, y=[x["ttft_s"] * 1000 for x in m], name="TTFT ms", error_y={
-        "type": "data", "symmetric": False, "array": [(x["ttft_s_max"] - x["ttft_s"]) * 1000 for x in m],
-        "arrayminus": [(x["ttft_s"] - x["ttft_s_min"]) * 1000 for x in m]}), row=1, col=1)
-    figure.add_trace(go.Bar(x=names, y=[x["decode_tok_s"] for x in m], name="decode tok/s", error_y={
-        "type": "data", "symmetric": False, "array": [x["decode_tok_s_max"] - x["decode_tok_s"] for x in m],
-        "arrayminus": [x["decode_tok_s"] - x["decode_tok_s_min"] for x in m]}), row=1, col=2)
+    figure.add_trace(go.Bar(x=names, y=[x["ttft_s"] * 1000 for x in m], name="TTFT ms", error_y=_error_bars(m, "ttft_s", 1000.0),
+                            marker={"pattern": pattern}, text=labels, textposition="inside"), row=1, col=1)
+    figure.add_trace(go.Bar(x=names, y=[x["decode_tok_s"] for x in m], name="decode tok/s",
+                            error_y=_error_bars(m, "decode_tok_s", 1.0), marker={"pattern": pattern}, text=labels,
+                            textposition="inside"), row=1, col=2)
     roof = [(r["name"], r["roofline"]) for r in records if (r.get("roofline") or {}).get("decode_tok_s_limit")]
     if roof:  # the memory-bandwidth limit of each variant's decode speed (roofline.py)
         figure.add_trace(go.Scatter(
@@ -77,7 +90,9 @@ def latency(run: dict[str, Any]):
             name="bandwidth limit", marker={"symbol": "line-ew-open", "size": 28, "line": {"width": 3}},
             text=[f"limit {x['decode_tok_s_limit']:.0f}" + (f" ({x['fraction']:.0%})" if x["fraction"] else "")
                   for _, x in roof], textposition="top center"), row=1, col=2)
-    figure.update_layout(title=_title("Latency (median, min-max bars)", run), showlegend=False)
+    with_ci = any(x.get("decode_tok_s_ci95") for x in m)
+    figure.update_layout(title=_title("Latency (median, " + ("95 % interval bars; hatched: NOISY)" if with_ci
+                                                             else "min-max bars)"), run), showlegend=False)
     return figure
 
 

@@ -54,7 +54,16 @@ class LatencySpec(StrictModel):
     prompt_tokens: int = Field(128, gt=0, description="Prompt length for the prefill measurement.")
     new_tokens: int = Field(32, ge=2, description="Tokens generated per repeat (greedy, EOS ignored).")
     warmup: int = Field(2, ge=0, description="Untimed repeats before measuring.")
-    repeats: int = Field(5, gt=0, description="Timed repeats; medians, min and max are reported.")
+    repeats: int = Field(5, gt=0, description="Minimum timed repeats; medians, min, max and 95 % intervals are reported.")
+    target_ci: float | None = Field(0.05, gt=0, description="Repeat until both 95 % intervals (decode, TTFT) lie within "
+                                    "+- this fraction of their medians (from 6 repeats on); null: exactly `repeats`.")
+    max_seconds: float = Field(60.0, gt=0, description="Stop repeating once this many seconds of timing (warm-up "
+                                                       "included) are spent, interval reached or not.")
+    max_repeats: int = Field(500, gt=0, description="Stop repeating after this many timed repeats.")
+    pin_threads: bool = Field(True, description="Pin the measuring worker's threads to a fixed set of cores.")
+    interleave: bool | None = Field(None, description="After the run, time all variants again round-robin in one "
+                                    "worker and report paired ratios to the baseline; null: when they fit in memory "
+                                    "together, false: never (workbench/speedpass.py).")
 
 
 class SamplesSpec(StrictModel):

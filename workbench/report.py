@@ -61,15 +61,33 @@ def table_legend(run: dict[str, Any]) -> str:
             "to the baseline (per-window NLL differences) contains 1.")
 
 
+def _interval(bounds: Any, scale: float) -> str | None:
+    """'low–high' of a 95 % interval (metrics.*_ci95), or None for records without one."""
+    if not bounds or bounds[0] is None:
+        return None
+    return f"{bounds[0] * scale:.4g}–{bounds[1] * scale:.4g}"
+
+
 def summary_table(run: dict[str, Any]) -> pd.DataFrame:
     rows = []
     for record in run["variants"]:
         row: dict[str, Any] = {"variant": record["name"], "method": record["method"], "status": display_status(record)}
+        metrics = record["metrics"]
         for title, metric, scale in TABLE_COLUMNS:
-            value = record["metrics"].get(metric)
+            value = metrics.get(metric)
             row[title] = None if value is None else value * scale
             if metric == "perplexity":
                 row[PPL_RATIO_TITLE] = ppl_ratio_text(record["metrics"], _is_baseline(run, record))
+            if metric in ("ttft_s", "decode_tok_s"):  # each speed figure with its 95 % interval beside it
+                row[f"{title} 95% CI"] = _interval(metrics.get(f"{metric}_ci95"), scale)
+            if metric == "decode_tok_s":  # how much to trust the speed columns (metrics/latency.py)
+                row["repeats"] = metrics.get("latency_repeats")
+                row["other cores"] = metrics.get("contention")
+                noisy = metrics.get("speed_noisy")
+                row["speed noisy"] = None if noisy is None else ("NOISY" if noisy else "no")
+        if record.get("interleaved"):  # the paired ratio from the round-robin pass (speedpass.py)
+            row["decode x baseline"] = record["interleaved"]["decode_ratio"]
+            row["x baseline 95% CI"] = _interval(record["interleaved"]["decode_ratio_ci95"], 1.0)
         if record.get("gguf"):  # the file's real mix, not its nominal type
             row["bits/w"] = record["gguf"]["bits_per_weight"]
         if record.get("roofline"):  # decode speed against this machine's memory-bandwidth limit (roofline.py)
@@ -126,9 +144,28 @@ def protocol_summary(run: dict[str, Any]) -> str:
         f"{protocol['scored_tokens']} scored tokens of {protocol['eval_tokens']} ({protocol['eval_text']}), "
         f"context {protocol['context']}, stride {protocol['stride']}, scored '{protocol['scored']}'. "
         f"Latency: {protocol['prompt_tokens']}-token prompt, {protocol['new_tokens']} greedy tokens, "
-        f"median of {protocol['repeats']} after {protocol['warmup']} warm-up. Peak RSS: {protocol['peak_rss']}."
+        f"{protocol['warmup']} warm-up run(s), then the {_repeats_text(protocol)}. Peak RSS: {protocol['peak_rss']}."
         + tokenization_summary(protocol)
     )
+
+
+def _repeats_text(protocol: dict[str, Any]) -> str:
+    if "latency_ci95" not in protocol:  # runs from before the speed intervals
+        return f"median of {protocol['repeats']}"
+    text = (f"median of {protocol['latency_repeats']} ('repeats' per variant), with a {protocol['latency_ci95']} "
+            f"('95% CI'); 'other cores': {protocol['contention']}; 'speed noisy': {protocol['speed_noisy']}")
+    if protocol.get("interleave"):
+        text += f"; 'decode x baseline': {protocol['interleave']}"
+    return text
+
+
+def speed_note(run: dict[str, Any]) -> str | None:
+    """One line naming the variants whose speed figures are noise, so nobody compares them unawares."""
+    noisy = [r["name"] for r in run["variants"] if r["metrics"].get("speed_noisy")]
+    if not noisy:
+        return None
+    return (f"Speed figures flagged NOISY: {', '.join(noisy)} (a 95 % interval reaches beyond +-10 % of its median, "
+            "or other processes used more than 0.25 core while they were timed); compare their speeds with care.")
 
 
 def tokenization_summary(protocol: dict[str, Any]) -> str:
@@ -238,6 +275,8 @@ def export_html(run: dict[str, Any], path: Path) -> None:
     flagged = flags_text(run)
     if flagged:
         note += f"<pre style='color:#a40'>{html.escape(flagged)}</pre>"
+    if speed_note(run):
+        note += f"<p><b>Speed:</b> {html.escape(speed_note(run) or '')}</p>"
     document = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>Squeeze Bench run {run['run_id']}</title></head>"
         f"<body><h1>Squeeze Bench: {html.escape(run['preset']['name'])} on {html.escape(run['model']['source'])}</h1>"

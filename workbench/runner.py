@@ -38,6 +38,8 @@ METRIC_NAMES = (
     "delta_p_mean_stderr", "delta_p_rms", "delta_p_rms_stderr", "delta_p_p01", "delta_p_p05", "delta_p_p50",
     "delta_p_p95", "delta_p_p99", "ln_ppl_ratio_mean", "ln_ppl_ratio_stderr", "ln_ppl_correlation",
     "ppl_ratio", "ppl_ratio_ci95", "ppl_indistinguishable", "samples_exact_match", "samples_first_diff_mean",
+    # speed noise (metrics/latency.py): 95 % intervals of the medians, repeats timed, the flag, other processes' cores
+    "decode_tok_s_ci95", "ttft_s_ci95", "latency_repeats", "speed_noisy", "contention",
 )
 
 
@@ -130,6 +132,13 @@ class Runner:
             self._write_results(run)
             self._emit(spec.name, record["status"], record["error"] or "done", step)
 
+        if not self._cancel.is_set():
+            from workbench.speedpass import interleaved_pass
+
+            if interleaved_pass(self, records, run):  # paired speed ratios (speedpass.py): store the records again
+                for position, record in records.items():
+                    history.save_variant(self.run_id, position, record)
+                self._write_results(run)
         if preset.sensitivity and not self._cancel.is_set():
             run["sensitivity"] = self._sensitivity(records, prep)
         # 16-bit log-probs of every scored token: large, and derivable; with their per-token side file
@@ -188,7 +197,7 @@ class Runner:
         record["metrics"].update(result["metrics"])
         record.update(layers=result["layers"], samples=result["samples"], runtime=result["runtime"],
                       quality_detail=result["quality_detail"])
-        for key in ("engine_perf", "tokenizer_agreement"):  # runtime-specific details, when the runtime has them
+        for key in ("engine_perf", "tokenizer_agreement", "latency"):  # runtime-specific details, when the runtime has them
             if key in result:
                 record[key] = result[key]
         gguf = next((stage["report"]["gguf"] for stage in reversed(built.result["stages"])
@@ -315,6 +324,18 @@ class Runner:
                 "warmup": preset.latency.warmup,
                 "repeats": preset.latency.repeats,
                 "latency_statistic": "median over repeats, with min and max",
+                "latency_repeats": (f"at least {preset.latency.repeats} timed repeats, then more until both 95 % intervals "
+                                    f"lie within +-{preset.latency.target_ci:.0%} of the median (from 6 repeats on), "
+                                    f"{preset.latency.max_seconds:g} s of timing or {preset.latency.max_repeats} repeats; "
+                                    "the record's latency.stop says which" if preset.latency.target_ci else
+                                    f"exactly {preset.latency.repeats} timed repeats"),
+                "latency_ci95": "distribution-free 95 % interval of each median from the repeats' order statistics "
+                                "(binomial ranks); below 6 repeats it is [min, max], whose coverage is lower",
+                "contention": "other processes' CPU use during the timed repeats, in cores (/proc/stat busy time minus "
+                              "the worker's own), wall-time-weighted mean",
+                "speed_noisy": "an interval reaches beyond +-10 % of its median, or contention > 0.25 core",
+                "pinned_threads": "the measuring worker's threads pinned to its lowest `threads` allowed cores "
+                                  "(record runtime.pinned_cpus)" if preset.latency.pin_threads else "not pinned",
                 "peak_rss": "VmHWM of the measuring worker process from its start through imports, load, latency runs and samples (the perplexity pass comes after)",
                 "weight_bytes": "bytes of the loaded model's state_dict tensors, each storage counted once",
                 "sparsity": "exact zero fraction over Linear and Embedding weights (bnb 4-bit dequantized)",

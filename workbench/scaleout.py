@@ -9,6 +9,12 @@ the node Ray picked, so every variant still gets a fresh process there (its own 
 fails that variant only). The task asks for `num_cpus=threads` and, for `device: cuda`, one GPU.
 Node loss is retried by Ray (`max_retries`); a variant's own failure is a result, never retried.
 The parent keeps planning, ordering (baseline first) and the SQLite history; docs/scale-out.md.
+
+Timing steps (the measuring worker, whose latency runs are memory-bound) also take one unit of the
+custom resource `workbench_timing_node`, of which every node declares exactly one (`--ray local`
+declares it; on a cluster: `ray start ... --resources '{"workbench_timing_node": 1}'`), so no two
+timing steps share a node's memory bandwidth; build and prepare steps may share. On a cluster whose
+nodes do not declare it, timing steps run unrestricted and their records say `node_exclusive: false`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ ADDRESS_HELP = "auto (a running cluster), local (start one on this machine), ray
 # Passed on to every task when set on the driver: where artifacts live, and whether the hub may be used.
 FORWARDED_ENV = ("WORKBENCH_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 POLL_S = 0.25
+TIMING_RESOURCE = "workbench_timing_node"  # one unit per node: a timing step holds the node's only one
+# The steps whose figures include wall-clock speeds: the measuring worker and the interleaved speed pass.
+TIMING_TARGETS = ("workbench.worker:measure_variant", "workbench.speedpass:speed_pass_worker")
 PACKAGE_DIR = Path(__file__).resolve().parent
 _SHIPPED = False  # True once connect() started the job with the package in its runtime_env
 
@@ -67,7 +76,7 @@ def connect(address: str | None, probe_timeout_s: float = 3.0) -> bool:
     try:
         if address == "local":
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                     logging_level="warning", runtime_env=job_env)
+                     logging_level="warning", runtime_env=job_env, resources={TIMING_RESOURCE: 1})
         else:
             ray.init(address=address, log_to_driver=False, logging_level="warning", runtime_env=job_env)
     except Exception as exc:  # ConnectionError, RuntimeError, grpc errors: all mean "not there"
@@ -98,8 +107,12 @@ def task_environment() -> dict[str, str]:
     return env
 
 
-def _task(target: str, payload: Any, log_path: str, mailbox: Any, call_id: int) -> WorkerOutcome:
-    """Runs inside a Ray worker: one fresh process for the step, as on a single machine."""
+def _task(target: str, payload: Any, log_path: str, mailbox: Any, call_id: int,
+          node_exclusive: bool | None = None) -> WorkerOutcome:
+    """Runs inside a Ray worker: one fresh process for the step, as on a single machine.
+
+    `node_exclusive`: None for a step that is not timed, else whether it holds the node's timing resource.
+    """
     import ray
 
     node = {"host": socket.gethostname(), "ray_node_id": ray.get_runtime_context().get_node_id()}
@@ -117,6 +130,8 @@ def _task(target: str, payload: Any, log_path: str, mailbox: Any, call_id: int) 
     outcome = run_in_worker(target, payload, Path(log_path), on_event=forward)
     if outcome.ok and isinstance(outcome.result, dict) and isinstance(outcome.result.get("runtime"), dict):
         outcome.result["runtime"]["node"] = node  # the machine whose timings these are
+        if node_exclusive is not None:
+            outcome.result["runtime"]["node_exclusive"] = node_exclusive
     if sent:  # the step is over: wait until the actor holds every message, so the driver sees them all
         try:
             ray.get(sent[0], timeout=10)
@@ -157,8 +172,11 @@ class RayExecutor:
     _ids = itertools.count(1)
 
     def __init__(self, num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 2,
-                 env: dict[str, str] | None = None, forward_events: bool = True):
+                 env: dict[str, str] | None = None, forward_events: bool = True,
+                 timing_targets: tuple[str, ...] = TIMING_TARGETS):
         self.num_cpus, self.num_gpus, self.max_retries = num_cpus, num_gpus, max_retries
+        self.timing_targets = timing_targets
+        self._exclusive: bool | None = None  # whether the cluster declares the timing resource (asked once)
         env_vars = dict(env if env is not None else task_environment())
         if not _SHIPPED:  # Ray was started elsewhere (a test, a notebook): import the package from where it is here
             env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH")) if p)
@@ -203,11 +221,18 @@ class RayExecutor:
                                  "absolute path (on a multi-node cluster, one on a shared filesystem)")
         call_id = next(self._ids)
         mailbox = self._mailbox_handle()
+        timing = target in self.timing_targets
+        exclusive = timing and self._timing_resource_declared()
         remote = _remote_task().options(num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_retries=self.max_retries,
-                                           retry_exceptions=False, runtime_env=self.runtime_env)
-        ref = remote.remote(target, payload, str(log_path), mailbox, call_id)
+                                           retry_exceptions=False, runtime_env=self.runtime_env,
+                                           resources={TIMING_RESOURCE: 1} if exclusive else {})
+        ref = remote.remote(target, payload, str(log_path), mailbox, call_id, exclusive if timing else None)
         gpus = f", {self.num_gpus:g} GPU" if self.num_gpus else ""
-        on_event(f"submitted to Ray ({self.num_cpus:g} CPU{gpus})")
+        node = ", node-exclusive" if exclusive else ""
+        on_event(f"submitted to Ray ({self.num_cpus:g} CPU{gpus}{node})")
+        if timing and not exclusive:
+            on_event(f"warning: no node declares the {TIMING_RESOURCE} resource, so this timing step may share a "
+                     f"node with another; start nodes with --resources '{{\"{TIMING_RESOURCE}\": 1}}'")
         while True:
             ready, _ = ray.wait([ref], timeout=POLL_S)
             self._drain(call_id, on_event)
@@ -229,6 +254,16 @@ class RayExecutor:
                 except Exception:
                     pass
                 return WorkerOutcome(ok=False, error="cancelled", cancelled=True)
+
+    def _timing_resource_declared(self) -> bool:
+        if self._exclusive is None:
+            import ray
+
+            try:
+                self._exclusive = ray.cluster_resources().get(TIMING_RESOURCE, 0) >= 1
+            except Exception:  # a cluster that cannot say: do not ask for what may not exist (the task would hang)
+                self._exclusive = False
+        return self._exclusive
 
     def close(self) -> None:
         if self._mailbox is not None:

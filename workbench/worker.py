@@ -78,9 +78,12 @@ def build_artifact(payload: dict, emit: Emit) -> dict:
 
 def measure_variant(payload: dict, emit: Emit) -> dict:
     """Load the artifact, then measure latency, samples, peak memory, quality and sparsity, in that order."""
+    from workbench.metrics.latency import measure_latency, pin_threads
+
+    # Before torch and the runtime start their thread pools, so every thread they create inherits the mask.
+    pinned = pin_threads(payload["threads"]) if payload["latency"].get("pin_threads", True) else None
     import torch
 
-    from workbench.metrics.latency import measure_latency
     from workbench.metrics.memory import gpu_peak_bytes, peak_rss_bytes
     from workbench.metrics.quality import QUALITY_METRICS, evaluate_quality
     from workbench.metrics.sparsity import sparsity_report
@@ -107,9 +110,13 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
     emit("latency")
     if hasattr(variant, "reset_perf_counters"):
         variant.reset_perf_counters()
+    latency_detail: dict = {}
     bos_id = payload.get("bos_id")
     latency = measure_latency(variant.generate, with_bos(tokens[: latency_spec["prompt_tokens"]], bos_id), latency_spec["new_tokens"],
-                              latency_spec["warmup"], latency_spec["repeats"])
+                              latency_spec["warmup"], latency_spec["repeats"], target_ci=latency_spec.get("target_ci"),
+                              max_seconds=latency_spec.get("max_seconds", 60.0),
+                              max_repeats=latency_spec.get("max_repeats", 500), detail=latency_detail)
+    details["latency"] = latency_detail
     if hasattr(variant, "perf_counters"):  # the engine's own clock, beside the wall-clock figures
         counters = variant.perf_counters()
         details["engine_perf"] = {**counters, "scope": "warm-up and timed latency runs",
@@ -188,7 +195,7 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
                            "ppl_ratio_note": quality["ppl_ratio_note"],
                            "kld_storage_bound": quality["kld_storage_bound"], **paired_notes},
         "runtime": {"name": payload["runtime"], "threads": threads if payload["runtime"] != "torch" else torch.get_num_threads(),
-                    "device": device},
+                    "device": device, "pinned_cpus": pinned},
         **details,
     }
 

@@ -83,9 +83,11 @@ def figures(run: dict[str, Any] | None, budget_gb: float | None = None) -> list[
 def run_note(run: dict[str, Any] | None) -> str:
     if not run:
         return ""
-    from workbench.report import protocol_summary
+    from workbench.report import protocol_summary, speed_note
 
     note = f"**Note:** {run['model']['note']}\n\n" if run["model"].get("note") else ""
+    if speed_note(run):
+        note += f"**Speed:** {speed_note(run)}\n\n"
     failed = [f"- **{r['name']}** failed: {r['error']}" for r in run["variants"] if r["status"] != "ok"]
     failed += [f"- **{r['name']}** flagged: {flag['message']}" for r in run["variants"] for flag in r.get("flags") or []]
     honesty = ", ".join(f"{r['name']}: *{r['honesty']}*" for r in run["variants"] if r.get("honesty"))

@@ -128,7 +128,8 @@ def optimal(table: Mapping[str, Sequence[Option]], budget_bytes: int, fixed_byte
     """The assignment of least total KLD within the budget: dynamic programming over a byte grid.
 
     Sizes are rounded up to the grid (budget / `cells` bytes, 1 byte for small budgets), so the result
-    always fits; it is exactly optimal when the grid is 1 byte, otherwise within one grid step per unit.
+    always fits; it is exactly optimal when the grid is 1 byte, otherwise within one grid step per unit
+    (and never worse than the greedy walk, which is taken when the rounding made it better).
     """
     import numpy as np
 
@@ -161,4 +162,9 @@ def optimal(table: Mapping[str, Sequence[Option]], budget_bytes: int, fixed_byte
         option = options[int(pick[cell])]
         chosen[unit] = option
         cell -= -(-option.bytes // grid)
-    return {unit: chosen[unit] for unit in units}
+    chosen = {unit: chosen[unit] for unit in units}
+    if grid > 1:  # rounding to the grid can cost a step the walk, in exact bytes, still takes
+        walk = greedy(table, budget_bytes, fixed_bytes)
+        if total_kld(walk) < total_kld(chosen):
+            return walk
+    return chosen

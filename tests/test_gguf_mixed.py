@@ -348,6 +348,25 @@ def test_torch_swap_reproduces_the_quantized_file(tiny_smol_dir, tmp_path) -> No
     assert np.abs(swapped - llama).mean() < 0.1 * np.abs(fp32 - llama).mean()
 
 
+def test_block_replay_measures_what_a_full_forward_measures(tiny_smol_dir) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.calibration import CalibrationSpec, calibration_sequences
+    from workbench.methods.gguf_auto import KLDProbe
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32).eval()
+    sequences = calibration_sequences(AutoTokenizer.from_pretrained(tiny_smol_dir), CalibrationSpec(samples=2, seq_len=64))
+    probe = KLDProbe(model, sequences)
+    assert probe.kld() == pytest.approx(0, abs=1e-9) and probe.kld(0) == pytest.approx(0, abs=1e-6)
+    weight = model.model.layers[1].mlp.down_proj.weight
+    original = weight.data
+    weight.data = original + 0.05 * torch.randn_like(original)
+    full, replayed = probe.kld(), probe.kld(1)
+    weight.data = original
+    assert full > 1e-4 and replayed == pytest.approx(full, rel=1e-4)
+
+
 def test_gguf_auto_meets_its_budget_and_records_its_choice(tiny_smol_dir, tmp_path) -> None:
     from workbench.gguf_info import GGUF_NAME
     from workbench.gguf_plan import auto_floor

@@ -149,25 +149,59 @@ class TorchSlots:
 
 
 class KLDProbe:
-    """Mean KLD of the model's next-token distribution to the unmodified model's, on fixed sequences."""
+    """Mean KLD of the model's next-token distribution to the unmodified model's, on fixed sequences.
+
+    The unmodified run records every decoder layer's inputs (a forward pre-hook with kwargs: hidden
+    states, mask, rope tables, exactly as the model's own forward passes them), so a change confined to
+    block N is measured by replaying blocks N.. only: the blocks before it would compute the same.
+    """
 
     def __init__(self, model: Any, sequences: list[list[int]]) -> None:
         import torch
 
         self.model = model
+        self.layers = model.model.layers
         self.inputs = [torch.tensor([ids]) for ids in sequences]
-        self.reference = [self._logp(x) for x in self.inputs]
+        self.captured: list[list[tuple[tuple, dict]]] = []
+        self.reference = []
+        for x in self.inputs:
+            calls: list[tuple[tuple, dict]] = []
+            hooks = [layer.register_forward_pre_hook(lambda _m, args, kwargs, calls=calls: calls.append((args, kwargs)),
+                                                     with_kwargs=True) for layer in self.layers]
+            try:
+                self.reference.append(self._logp(x))
+            finally:
+                for hook in hooks:
+                    hook.remove()
+            if len(calls) != len(self.layers):
+                raise WorkbenchError("gguf-auto: the model did not call each decoder layer once per forward")
+            self.captured.append(calls)
 
     def _logp(self, x: Any) -> Any:
         import torch
 
         with torch.inference_mode():
-            return torch.log_softmax(self.model(x).logits[0].float(), -1)
+            return torch.log_softmax(self.model(x, use_cache=False).logits[0].float(), -1)
 
-    def kld(self) -> float:
+    def _logp_from(self, block: int, calls: list[tuple[tuple, dict]]) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            args, kwargs = calls[block]
+            hidden = args[0] if args else kwargs["hidden_states"]
+            for index in range(block, len(self.layers)):
+                args, kwargs = calls[index]
+                kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                out = self.layers[index](hidden, *args[1:], **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+            logits = self.model.lm_head(self.model.model.norm(hidden))
+            return torch.log_softmax(logits[0].float(), -1)
+
+    def kld(self, block: int | None = None) -> float:
+        """KLD with the model's current weights; `block`: only blocks >= block differ from the reference."""
         total, count = 0.0, 0
-        for x, ref in zip(self.inputs, self.reference):
-            logp = self._logp(x)
+        for x, ref, calls in zip(self.inputs, self.reference, self.captured):
+            logp = self._logp(x) if block is None else self._logp_from(block, calls)
             total += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
             count += ref.shape[0]
         return total / count
@@ -190,7 +224,7 @@ def measure_table(slots: TorchSlots, probe: KLDProbe, candidate_files: dict[str,
             try:
                 for n in names:
                     slots.params[n].data = slots.torch_values(n, tensors[n])
-                kld = probe.kld()
+                kld = probe.kld(int(unit.split(".")[1]) if unit.startswith("blk.") else None)
             finally:
                 for n, data in originals.items():
                     slots.params[n].data = data

@@ -52,7 +52,7 @@ def check_tensor_types(value: dict[str, str]) -> dict[str, str]:
         try:
             re.compile(pattern)
         except re.error as exc:
-            raise ValueError(f"tensor_types pattern {pattern!r} is not a regular expression: {exc}") from None
+            raise ValueError(f"tensor_types pattern '{pattern}' is not a regular expression: {exc}") from None
     return value
 
 

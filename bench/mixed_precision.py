@@ -70,8 +70,11 @@ def main() -> None:
     if not args.no_imatrix_auto:
         variants += [VariantSpec(name="auto-imat-Q4_K_M", method="gguf-auto", options=auto(targets["Q4_K_M"], True)),
                      VariantSpec(name="auto-imat-Q3_K_M", method="gguf-auto", options=auto(targets["Q3_K_M"], True))]
-    preset = preset.model_copy(update={"name": "mixed-precision", "baseline": "fp32", "variants": variants,
-                                       "sensitivity": None})
+    # Sizes and quality are the point here: one short latency run and one short sample keep the run brief.
+    preset = preset.model_copy(update={
+        "name": "mixed-precision", "baseline": "fp32", "variants": variants, "sensitivity": None,
+        "latency": preset.latency.model_copy(update={"prompt_tokens": 16, "new_tokens": 4, "warmup": 0, "repeats": 1}),
+        "samples": preset.samples.model_copy(update={"prompts": preset.samples.prompts[:1], "new_tokens": 4})})
     with tempfile.TemporaryDirectory() as out:
         run = Runner(preset, out_dir=Path(out)).run()
     records = {r["name"]: r for r in run["variants"]}

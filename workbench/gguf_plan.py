@@ -6,7 +6,7 @@ dense Llama-like models, with the few rules that change when an importance matri
 GGUF name, first match wins, before the mix rules and before the fallback): the output head (or the tied embedding) gets
 Q6_K (Q8_0 when its rows are not a multiple of the block), attn_v / ffn_down get more bits in some
 layers for the _M mixes, and every K-quant or I-quant whose row length is not a multiple of 256
-falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K/IQ* -> IQ4_NL, then F16 if even that
+falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, IQ* -> IQ4_NL, then F16 if even that
 does not divide). MoE, Falcon and 70B special cases are left out. Bytes come from ggml's block sizes
 (the `gguf` package's GGML_QUANT_SIZES), so a predicted mix gives exact tensor bytes.
 """
@@ -27,9 +27,10 @@ DEFAULT_TYPE = {
     "IQ4_XS": "IQ4_XS", "IQ3_M": "IQ3_S", "IQ3_S": "IQ3_S", "IQ3_XS": "IQ3_S", "IQ3_XXS": "IQ3_XXS",
     "IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS", "IQ1_M": "IQ1_M", "IQ1_S": "IQ1_S",
 }
-FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-            **{t: "IQ4_NL" for t in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "Q2_K",
-                                     "Q3_K", "IQ4_XS")}}
+# src/llama-quant.cpp, `tensor_type_fallback`, as the library llama-cpp-python 0.3.36 ships (Q2_K / Q3_K
+# now fall back to Q4_0; older llama.cpp gave them IQ4_NL).
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0",
+            **{t: "IQ4_NL" for t in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS")}}
 LOW_BIT_IQ = ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
 
 

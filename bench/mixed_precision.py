@@ -1,7 +1,7 @@
 """Mixed precision under a size budget (gguf-auto) against uniform llama.cpp types of the same size.
 
     python bench/mixed_precision.py [--preset presets/quickstart.yaml] [--candidates Q8_0,Q6_K,...]
-                                    [--imatrix-samples 32] [--no-imatrix-auto]
+                                    [--imatrix-samples 32] [--no-imatrix-auto] [--eval-tokens N]
 
 On the preset's model (the bundled SmolLM2-135M by default), one workbench run measures against the
 fp32 baseline, on the preset's eval text and windows:
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--imatrix-samples", type=int, default=32)
     parser.add_argument("--sensitivity-samples", type=int, default=2)
     parser.add_argument("--no-imatrix-auto", action="store_true", help="skip gguf-auto with an importance matrix")
+    parser.add_argument("--eval-tokens", type=int, default=None, help="score fewer eval tokens than the preset")
     parser.add_argument("--out", default=None, help="write the run's records (JSON) here")
     args = parser.parse_args()
 
@@ -73,6 +74,7 @@ def main() -> None:
     # Sizes and quality are the point here: one short latency run and one short sample keep the run brief.
     preset = preset.model_copy(update={
         "name": "mixed-precision", "baseline": "fp32", "variants": variants, "sensitivity": None,
+        "eval": preset.eval.model_copy(update={"max_tokens": args.eval_tokens or preset.eval.max_tokens}),
         "latency": preset.latency.model_copy(update={"prompt_tokens": 16, "new_tokens": 4, "warmup": 0, "repeats": 1}),
         "samples": preset.samples.model_copy(update={"prompts": preset.samples.prompts[:1], "new_tokens": 4})})
     with tempfile.TemporaryDirectory() as out:

@@ -1,16 +1,19 @@
 """Predict the tensor types and bytes llama.cpp's quantizer will write, from the model shape alone.
 
 A condensed copy of the rules in llama.cpp's `llama_tensor_get_type` (src/llama-quant.cpp) for
-dense Llama-like models without an importance matrix: the output head (or the tied embedding) gets
+dense Llama-like models, with the few rules that change when an importance matrix is given
+(IQ3_XXS, IQ4_NL / IQ4_XS, Q4_0 / Q5_0) and `--tensor-type` overrides (searched in the tensor's
+GGUF name, first match wins, before the mix rules and before the fallback): the output head (or the tied embedding) gets
 Q6_K (Q8_0 when its rows are not a multiple of the block), attn_v / ffn_down get more bits in some
 layers for the _M mixes, and every K-quant or I-quant whose row length is not a multiple of 256
-falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K/IQ* -> IQ4_NL, then F16 if even that
+falls back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, Q2_K/Q3_K -> Q4_0, IQ* -> IQ4_NL, then F16 if even that
 does not divide). MoE, Falcon and 70B special cases are left out. Bytes come from ggml's block sizes
 (the `gguf` package's GGML_QUANT_SIZES), so a predicted mix gives exact tensor bytes.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from typing import Any
 
@@ -24,9 +27,10 @@ DEFAULT_TYPE = {
     "IQ4_XS": "IQ4_XS", "IQ3_M": "IQ3_S", "IQ3_S": "IQ3_S", "IQ3_XS": "IQ3_S", "IQ3_XXS": "IQ3_XXS",
     "IQ2_M": "IQ2_S", "IQ2_S": "IQ2_XS", "IQ2_XS": "IQ2_XS", "IQ2_XXS": "IQ2_XXS", "IQ1_M": "IQ1_M", "IQ1_S": "IQ1_S",
 }
-FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-            **{t: "IQ4_NL" for t in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "Q2_K",
-                                     "Q3_K", "IQ4_XS")}}
+# src/llama-quant.cpp, `tensor_type_fallback`, as the library llama-cpp-python 0.3.36 ships (Q2_K / Q3_K
+# now fall back to Q4_0; older llama.cpp gave them IQ4_NL).
+FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0",
+            **{t: "IQ4_NL" for t in ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M", "IQ4_XS")}}
 LOW_BIT_IQ = ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
 
 
@@ -51,7 +55,8 @@ def _use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def _type_for(name: str, i: int, n: int, ftype: str, base: str, nx: int, has_output: bool, n_gqa: int) -> str:
+def _type_for(name: str, i: int, n: int, ftype: str, base: str, nx: int, has_output: bool, n_gqa: int,
+              imatrix: bool = False) -> str:
     """llama_tensor_get_type for one 2-D weight (before the row-length fallback)."""
     new = base
     if name == "output" or (name == "token_embd" and not has_output):
@@ -77,7 +82,7 @@ def _type_for(name: str, i: int, n: int, ftype: str, base: str, nx: int, has_out
     if name == "attn_v":
         rules = {
             "Q2_K": "Q4_K" if n_gqa >= 4 else "Q3_K", "Q2_K_S": "Q4_K" if n_gqa >= 4 else base,
-            "IQ3_XXS": "Q4_K" if n_gqa >= 4 else "IQ3_S", "IQ3_XS": "Q4_K" if n_gqa >= 4 else base,
+            "IQ3_XXS": "Q4_K" if n_gqa >= 4 else ("IQ3_XXS" if imatrix else "IQ3_S"), "IQ3_XS": "Q4_K" if n_gqa >= 4 else base,
             "IQ3_S": "Q4_K" if n_gqa >= 4 else base, "IQ3_M": "Q4_K", "Q3_K_M": "Q5_K" if i < 2 else "Q4_K",
             "Q3_K_L": "Q5_K", "IQ4_NL": "Q5_K" if n_gqa >= 4 else base, "IQ4_XS": "Q5_K" if n_gqa >= 4 else base,
             "Q4_K_M": "Q6_K" if _use_more_bits(i, n) else base, "Q5_K_M": "Q6_K" if _use_more_bits(i, n) else base,
@@ -89,10 +94,13 @@ def _type_for(name: str, i: int, n: int, ftype: str, base: str, nx: int, has_out
     if name == "ffn_down":
         rules = {
             "Q2_K": "Q3_K", "Q2_K_S": "Q4_K" if i < n // 8 else base,
-            "IQ3_XXS": "Q4_K" if i < n // 8 else "Q3_K",
+            "IQ3_XXS": base if imatrix else ("Q4_K" if i < n // 8 else "Q3_K"),
             "Q3_K_M": "Q5_K" if i < n // 16 else "Q4_K", "IQ3_M": "Q4_K" if i < n // 8 else base, "Q3_K_L": "Q5_K",
             "Q4_K_M": "Q6_K" if _use_more_bits(i, n) else base,
-            "IQ4_NL": "Q5_K" if i < n // 8 else base, "IQ4_XS": "Q5_K" if i < n // 8 else base,
+            "IQ4_NL": "Q5_K" if i < n // 8 and not imatrix else base,
+            "IQ4_XS": "Q5_K" if i < n // 8 and not imatrix else base,
+            # with an importance matrix the first ffn_down layers of Q4_0 / Q5_0 get the _1 type
+            "Q4_0": "Q4_1" if imatrix and i < n // 8 else base, "Q5_0": "Q5_1" if imatrix and i < n // 8 else base,
             "Q5_K_M": "Q6_K" if _use_more_bits(i, n) else base, "Q4_K_S": "Q5_K" if i < n // 8 else base,
         }
         return rules.get(ftype, base)
@@ -103,12 +111,28 @@ def _type_for(name: str, i: int, n: int, ftype: str, base: str, nx: int, has_out
     return new
 
 
-def predict(shape: Any, ftype: str, pure: bool = False) -> dict[str, Any]:
+def full_name(name: str, layer: int) -> str:
+    """The tensor's name in the file: ('attn_q', 3) -> 'blk.3.attn_q.weight'."""
+    return f"blk.{layer}.{name}.weight" if layer >= 0 else f"{name}.weight"
+
+
+def fallback(chosen: str, nx: int) -> str:
+    """The type llama.cpp stores when rows of nx values do not fill `chosen`'s blocks."""
+    if nx % block(chosen)[0] == 0:
+        return chosen
+    chosen = FALLBACK.get(chosen, "F16")
+    return chosen if nx % block(chosen)[0] == 0 else "F16"
+
+
+def predict(shape: Any, ftype: str, pure: bool = False, imatrix: bool = False,
+            overrides: dict[str, str] | None = None) -> dict[str, Any]:
     """{'tensor_bytes', 'tensor_types': {type: count}, 'fallbacks': int, 'notes': [...]} for a llama-like shape.
 
     `shape` provides `gguf_tensors()`: (gguf name, layer index or -1, n_cols (ne[0]), n_rows) for every
-    tensor, 1-D ones with n_rows 1, and `layers`, `heads`, `kv_heads`, `tied`.
+    tensor, 1-D ones with n_rows 1, and `layers`, `heads`, `kv_heads`, `tied`. `overrides`: {regex: type},
+    as the gguf method's tensor_types.
     """
+    patterns = [(re.compile(p), t) for p, t in (overrides or {}).items()]
     base = DEFAULT_TYPE[ftype]
     float_file = ftype in ("F32", "F16", "BF16")
     types: Counter[str] = Counter()
@@ -120,11 +144,15 @@ def predict(shape: Any, ftype: str, pure: bool = False) -> dict[str, Any]:
         elif float_file:
             chosen = base
         else:
-            chosen = base if pure else _type_for(name, layer, shape.layers, ftype, base, nx, not shape.tied, n_gqa)
+            tensor = full_name(name, layer)
+            manual = next((t for p, t in patterns if p.search(tensor)), None)
+            if manual is not None:
+                chosen = manual
+            else:
+                chosen = base if pure else _type_for(name, layer, shape.layers, ftype, base, nx, not shape.tied, n_gqa,
+                                                     imatrix)
             if nx % block(chosen)[0] != 0:
-                chosen = FALLBACK.get(chosen, "F16")
-                if nx % block(chosen)[0] != 0:
-                    chosen = "F16"
+                chosen = fallback(chosen, nx)
                 fallbacks += 1
         types[chosen] += 1
         total += tensor_bytes(chosen, nx * ny)
@@ -132,3 +160,18 @@ def predict(shape: Any, ftype: str, pure: bool = False) -> dict[str, Any]:
     if fallbacks:
         notes.append(f"{fallbacks} tensors fall back from {base} (rows not a multiple of {block(base)[0]})")
     return {"tensor_bytes": total, "tensor_types": dict(types.most_common()), "fallbacks": fallbacks, "notes": notes}
+
+
+def auto_floor(shape: Any, candidates: list[str], pick: Any = min) -> int:
+    """Tensor bytes of the smallest gguf-auto file (`pick=max`: the largest): every unit (block, embedding,
+    head) at its cheapest candidate after llama.cpp's fallbacks; norms stay F32."""
+    units: dict[str, list[tuple[int, int]]] = {}
+    total = 0
+    for name, layer, nx, ny in shape.gguf_tensors():
+        if ny == 1:
+            total += tensor_bytes("F32", nx)
+        else:
+            units.setdefault(f"blk.{layer}" if layer >= 0 else name, []).append((nx, ny))
+    for tensors in units.values():
+        total += pick(sum(tensor_bytes(fallback(c, nx), nx * ny) for nx, ny in tensors) for c in candidates)
+    return total

@@ -98,8 +98,19 @@ def estimate_build_s(stages: list[dict[str, Any]], shape: ModelShape, profile: d
         if method in METHOD_DTYPES and METHOD_DTYPES[method] == shape.dtype and len(stages) == 1:
             return 0.0
         io = 2 * float_bytes / DISK_BYTES_S
-        if method == "gguf":  # converter subprocess (its own imports), F16 write, quantize pass
+        if method in ("gguf", "gguf-auto"):  # converter subprocess (its own imports), F16 write, quantize pass
             total += io + 3.0 + shape.params() * 2 / DISK_BYTES_S + shape.params() * 3e-8
+            calib = options.get("imatrix")
+            if calib:  # forward passes of the float model over the calibration tokens, plus a load
+                tokens = calib.get("samples", 32) * calib.get("seq_len", 256)
+                total += io / 2 + tokens * 2 * shape.params() / flops_s
+            if method == "gguf-auto":  # one quantize pass per candidate, one forward per (block, candidate)
+                n_candidates = len(options.get("candidates") or range(7))
+                sens = options.get("sensitivity") or {}
+                tokens = sens.get("samples", 2) * sens.get("seq_len", 256)
+                units = shape.layers + (1 if shape.tied else 2)
+                total += n_candidates * (shape.params() * 2 / DISK_BYTES_S + shape.params() * 3e-8) \
+                    + n_candidates * units * (tokens * 2 * shape.params() / flops_s + shape.params() * 2e-9)
         elif method == "distill":
             total += io + float(options.get("time_budget_s", 120.0))
         elif method in ("gptq", "awq", "sparsegpt", "wanda"):

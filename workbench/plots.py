@@ -34,9 +34,13 @@ def size_vs_perplexity(run: dict[str, Any]):
     points = [(r["metrics"]["disk_bytes"] / MB, r["metrics"]["perplexity"]) for r in records]
     frontier = pareto_frontier(points)
     figure = go.Figure()
+    # Mixed-precision files chosen under a budget (gguf-auto) are marked apart from uniform types.
+    auto = [bool((r.get("gguf") or {}).get("auto")) for r in records]
     figure.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers+text",
-                                text=[f"{r['name']} [{r['honesty']}]" for r in records], textposition="top center",
-                                name="variants", marker={"size": 10}))
+                                text=[f"{r['name']} [{r['honesty']}]" + (" (mixed, auto)" if a else "")
+                                      for r, a in zip(records, auto)], textposition="top center",
+                                name="variants", marker={"size": [14 if a else 10 for a in auto],
+                                                         "symbol": ["diamond" if a else "circle" for a in auto]}))
     figure.add_trace(go.Scatter(x=[points[i][0] for i in frontier], y=[points[i][1] for i in frontier],
                                 mode="lines", name="Pareto frontier", line={"dash": "dash"}))
     figure.update_layout(title=_title("Size on disk vs perplexity", run), xaxis_title="disk MB", yaxis_title="perplexity")

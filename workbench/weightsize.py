@@ -88,9 +88,16 @@ def estimate_weights(shape: ModelShape, stages: list[dict[str, Any]], gguf_files
         if quant not in DEFAULT_TYPE:
             notes.append(f"{quant}: no llama.cpp mix rules here; F16 assumed")
             quant = "F16"
-        mix = predict(shape, quant, bool(options.get("pure", False)))
+        overrides = options.get("tensor_types") or {}
+        mix = predict(shape, quant, bool(options.get("pure", False)), imatrix=bool(options.get("imatrix")),
+                      overrides=overrides)
         notes.extend(mix["notes"])
-        return result(mix["tensor_bytes"], f"gguf {quant}", "gguf", "llamacpp", emb=_gguf_embedding_bytes(shape, quant))
+        label = f"gguf {quant}" + (" imatrix" if options.get("imatrix") else "") + (" +overrides" if overrides else "")
+        if overrides:
+            notes.append(f"tensor types after overrides: {', '.join(f'{t} x{n}' for t, n in mix['tensor_types'].items())}")
+        return result(mix["tensor_bytes"], label, "gguf", "llamacpp", emb=_gguf_embedding_bytes(shape, quant))
+    if method == "gguf-auto":
+        return _gguf_auto(shape, options, notes, result)
     if method == "gguf-file":
         path = (gguf_files or {}).get(options.get("path", "source")) or options.get("path")
         if path and Path(path).is_file():
@@ -132,6 +139,28 @@ def _reshape(shape: ModelShape, rest: str, stage: dict, notes: list[str]) -> tup
         return replace(shape, intermediate=shape.intermediate - round(mlp * shape.intermediate), kv_heads=kv,
                        heads=kv * (shape.heads // max(1, shape.kv_heads))), rest
     return shape, rest
+
+
+def _gguf_auto(shape: ModelShape, options: dict, notes: list[str], result) -> WeightEstimate:
+    """gguf-auto fills its budget from below: the estimate is the budget (the chosen mix is known only
+    after measuring), refused at build time when below the smallest file the candidates can make."""
+    from workbench.gguf_plan import auto_floor
+
+    candidates = options.get("candidates") or ["Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "Q3_K"]
+    parameters = sum(nx * ny for *_, nx, ny in shape.gguf_tensors())
+    if options.get("target_mb") is not None:
+        budget, label = int(float(options["target_mb"]) * 1e6), f"{options['target_mb']:g} MB"
+    else:
+        budget, label = int(float(options.get("target_bpw") or 0) * parameters / 8), f"{options.get('target_bpw')} bpw"
+    floor = auto_floor(shape, candidates)
+    ceiling = auto_floor(shape, candidates, pick=max)
+    notes.append(f"gguf-auto fills a {label} budget ({budget / 1e6:.1f} MB of tensors) from candidates "
+                 f"{', '.join(candidates)}: at most the budget")
+    if budget < floor:
+        notes.append(f"the budget is below the smallest file these candidates make ({floor / 1e6:.1f} MB): "
+                     "the build will refuse it")
+    nbytes = min(max(budget, floor), ceiling)
+    return result(nbytes, f"gguf-auto {label}", "gguf", "llamacpp")
 
 
 def _packed_int(shape, rest, method, options, notes, result) -> WeightEstimate:

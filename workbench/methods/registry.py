@@ -22,6 +22,7 @@ _REGISTRY: dict[str, str] = {
     "distill": "workbench.methods.distill:Distill",
     "gguf": "workbench.methods.gguf:GGUF",
     "gguf-file": "workbench.methods.gguf:GGUFFile",
+    "gguf-auto": "workbench.methods.gguf_auto:GGUFAuto",
     # llm-compressor (one-shot, calibrated): GPTQ / AWQ weight quantization, SparseGPT / Wanda pruning
     "gptq": "workbench.methods.llmcompressor:GPTQ",
     "awq": "workbench.methods.llmcompressor:AWQ",

@@ -51,7 +51,18 @@ def format_table(run: dict[str, Any]) -> str:
     table = summary_table(run)
     if not table["error"].astype(bool).any():
         table = table.drop(columns="error")
-    return table.to_string(index=False, na_rep="—", float_format=lambda v: f"{v:.4g}")
+    # Cells formatted here, not by pandas: a column that is all None (every variant failed) has object
+    # dtype, where na_rep does not apply and pandas would print "None".
+    cells = table.astype(object).map(_cell)
+    return cells.to_string(index=False)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def flat_records(run: dict[str, Any]) -> pd.DataFrame:
@@ -89,6 +100,19 @@ def protocol_summary(run: dict[str, Any]) -> str:
         f"Latency: {protocol['prompt_tokens']}-token prompt, {protocol['new_tokens']} greedy tokens, "
         f"median of {protocol['repeats']} after {protocol['warmup']} warm-up. Peak RSS: {protocol['peak_rss']}."
     )
+
+
+def budget_verdict(run: dict[str, Any]) -> str:
+    """The memory-budget verdict of a run, for after its table (the CLI) and the app's note."""
+    budget = run.get("memory_budget_gb") or (run.get("preset") or {}).get("memory_budget_gb")
+    if not budget:
+        return ""
+    over = run.get("over_budget")
+    if over is None:
+        return f"memory budget {budget:g} GB: not checked (no estimates for this run)"
+    if not over:
+        return f"memory budget {budget:g} GB: every variant's estimated peak fits"
+    return f"memory budget {budget:g} GB: {len(over)} variant(s) over budget\n" + "\n".join(f"  over budget: {w}" for w in over)
 
 
 def markdown_table(run: dict[str, Any]) -> str:

@@ -203,11 +203,13 @@ def prepare_source(payload: dict, emit: Emit) -> dict:
     from workbench.runtimes.torch import pick_device
     from workbench.sources import resolve_source
 
-    source = resolve_source(payload["model"], payload["trust_remote_code"], emit)
+    device = pick_device(payload["device"])  # before the model is prepared: a CPU machine refuses cuda in seconds
+    source = resolve_source(payload["model"], payload["trust_remote_code"], emit,
+                            allow_pickle=payload.get("allow_pickle", False))
     emit("tokenizing the eval text")
     tokenizer = AutoTokenizer.from_pretrained(source.hf_dir, trust_remote_code=payload["trust_remote_code"])
     text, description = eval_text(payload["eval"]["text"])
     ids = eval_token_ids(tokenizer, text, payload["eval"]["max_tokens"], payload["eval"]["context"])
     Path(payload["eval_tokens_path"]).write_text(json.dumps(ids))
     return {"source": source.to_record(), "eval_text": description, "eval_tokens": len(ids),
-            "device": pick_device(payload["device"]), "tokenizer": type(tokenizer).__name__}
+            "device": device, "tokenizer": type(tokenizer).__name__}

@@ -16,7 +16,8 @@ from workbench.methods.registry import get_method, method_names
 from workbench.paths import workbench_home
 from workbench.plots import CHART_LABELS
 from workbench.sources import BUNDLED
-from workbench.ui.common import PRESETS_DIR, check_model_allowed, display_table, figures, limits, preset_names, run_note
+from workbench.ui.common import (PRESETS_DIR, display_table, figures, gate_message, limits, preset_names, run_note,
+                                 visitor_id)
 
 
 def _default(field: Any) -> Any:
@@ -68,25 +69,28 @@ def preset_from_form(model: str, methods: list[str], threads: float, fields: lis
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-def run_preset(yaml_text: str, budget_gb: float | None, session: dict):
-    """Validate, then run in a background thread, streaming per-variant progress; finish with table and charts."""
+def gated_preset(yaml_text: str, estimate: bool = True) -> Any:
+    """Parse the editor's YAML and pass it through the policy gate (policy.py) in the app's mode."""
+    from workbench.policy import app_mode, enforce
     from workbench.presets import parse_preset
+
+    preset = parse_preset(yaml.safe_load(yaml_text or ""), "preset")
+    enforce(preset, app_mode(), estimate=estimate)
+    return preset
+
+
+def run_preset(yaml_text: str, budget_gb: float | None, session: dict, request: gr.Request = None):
+    """Validate, then run in a background thread, streaming per-variant progress; finish with table and charts."""
     from workbench.runner import Runner
 
     empty = [gr.skip()] * (2 + len(CHART_LABELS))  # results table, every chart, current run id
     try:
-        data = yaml.safe_load(yaml_text or "")
-        preset = parse_preset(data, "preset")
-        lim = limits()
-        check_model_allowed(preset.model, lim)
-        if len(preset.variants) > lim.max_variants:
-            raise WorkbenchError(f"{len(preset.variants)} variants; this app allows at most {lim.max_variants}")
-        check_model_size(preset, lim)
+        preset = gated_preset(yaml_text)
     except (WorkbenchError, yaml.YAMLError) as exc:
-        yield [f"**Cannot run:** {exc}", None] + empty
+        yield [f"**Cannot run:** {gate_message(exc)}", None] + empty
         return
     events: queue.Queue = queue.Queue()
-    runner = Runner(preset, on_event=events.put)
+    runner = Runner(preset, on_event=events.put, visitor=visitor_id(request))
     session["runner"] = runner
     outcome: dict[str, Any] = {}
 
@@ -139,14 +143,12 @@ def _count(n: float) -> str:
 def plan_preset_markdown(yaml_text: str, budget_gb: float | None) -> str:
     """Estimated weights, peak memory and time of every variant, from the model config alone (planner.py)."""
     from workbench.planner import plan_markdown, plan_preset_file
-    from workbench.presets import parse_preset
 
     try:
-        preset = parse_preset(yaml.safe_load(yaml_text or ""), "preset")
-        check_model_allowed(preset.model, limits())
+        preset = gated_preset(yaml_text)  # the Plan button reads nothing the Run button would refuse
         plans, context = plan_preset_file(preset, emit=lambda _m: None)
     except (WorkbenchError, yaml.YAMLError) as exc:
-        return f"**Cannot plan:** {exc}"
+        return f"**Cannot plan:** {gate_message(exc)}"
     return plan_markdown(preset, plans, context, budget_gb or preset.memory_budget_gb)
 
 
@@ -216,14 +218,12 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
         return (path if path.is_file() else saved).read_text() if (path.is_file() or saved.is_file()) else ""
 
     def save_preset(name: str, text: str) -> str:
-        from workbench.presets import parse_preset
-
-        if not name or not name.replace("-", "").replace("_", "").isalnum():
-            return "**Cannot save:** give a name of letters, digits, '-' or '_'"
+        if not name or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+            return "**Cannot save:** give a name of at most 64 letters, digits, '-' or '_'"
         try:
-            parse_preset(yaml.safe_load(text), name)
+            gated_preset(text, estimate=False)  # a saved preset is one this app would run
         except (WorkbenchError, yaml.YAMLError) as exc:
-            return f"**Cannot save:** {exc}"
+            return f"**Cannot save:** {gate_message(exc)}"
         folder = workbench_home() / "presets"
         folder.mkdir(exist_ok=True)
         (folder / f"{name}.yaml").write_text(text)
@@ -232,8 +232,8 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
     preset_pick.change(load_preset_text, preset_pick, yaml_box)
     from_form.click(lambda m, ms, t, *v: preset_from_form(m, ms, t, fields, list(v)), [model, methods, threads, *inputs],
                     yaml_box)
-    save.click(save_preset, [save_name, yaml_box], status)
+    save.click(save_preset, [save_name, yaml_box], status, api_name="save_preset")
     run.click(run_preset, [yaml_box, budget, session], [status, progress, results, *plots, current_run],
               api_name="run_preset")
     cancel.click(cancel_run, session, status)
-    plan_button.click(plan_preset_markdown, [yaml_box, budget], plan_box)
+    plan_button.click(plan_preset_markdown, [yaml_box, budget], plan_box, api_name="plan_preset")

@@ -171,13 +171,19 @@ class History:
         self.db.close()
 
 
-def process_start(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (Linux /proc), None where it cannot be read."""
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3 onwards of /proc/PID/stat (Linux); None where it cannot be read."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name in parentheses may hold spaces
+    return stat.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot, None where it cannot be read."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None  # field 22 of stat
 
 
 def owner_alive(pid: int | None, start: str | None) -> bool:
@@ -189,7 +195,10 @@ def owner_alive(pid: int | None, start: str | None) -> bool:
         return False
     except PermissionError:
         pass  # alive, owned by another user
-    return start is None or process_start(pid) in (None, start)
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # a zombie: killed, its parent has not reaped it yet
+        return False
+    return start is None or fields is None or fields[19] == start
 
 
 def _write_results(out_dir: Path | None, run: dict[str, Any]) -> None:

@@ -221,7 +221,7 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
         if not name or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
             return "**Cannot save:** give a name of at most 64 letters, digits, '-' or '_'"
         try:
-            gated_preset(text, estimate=False)  # a saved preset is one this app would run
+            gated_preset(text)  # a saved preset is one this app would run
         except (WorkbenchError, yaml.YAMLError) as exc:
             return f"**Cannot save:** {gate_message(exc)}"
         folder = workbench_home() / "presets"

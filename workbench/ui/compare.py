@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import typing
 from typing import Any
 
@@ -16,6 +17,7 @@ from workbench.methods.registry import get_method, method_names
 from workbench.paths import workbench_home
 from workbench.plots import CHART_LABELS
 from workbench.sources import BUNDLED
+from workbench.ui.runqueue import RUNS
 from workbench.ui.common import (PRESETS_DIR, display_table, figures, gate_message, limits, preset_names, run_note,
                                  visitor_id)
 
@@ -89,16 +91,46 @@ def run_preset(yaml_text: str, budget_gb: float | None, session: dict, request: 
     except (WorkbenchError, yaml.YAMLError) as exc:
         yield [f"**Cannot run:** {gate_message(exc)}", None] + empty
         return
-    events: queue.Queue = queue.Queue()
-    runner = Runner(preset, on_event=events.put, visitor=visitor_id(request))
-    session["runner"] = runner
+    visitor = visitor_id(request) or f"anonymous-{id(session)}"  # an API call without a session is its own visitor
+    try:
+        ticket = RUNS.join(visitor)
+    except WorkbenchError as exc:
+        yield [f"**Cannot run:** {exc}", None] + empty
+        return
+    session["ticket"] = ticket
+    runner = None
+    try:
+        while (ahead := RUNS.ahead(ticket)) > 0:  # the page shows the place in the line while it waits
+            if ticket.cancelled.is_set():
+                yield ["cancelled while waiting in the queue; nothing ran", None] + empty
+                return
+            yield [f"waiting in the queue: {ahead} run(s) ahead of yours", None] + empty
+            time.sleep(1.0)
+        if ticket.cancelled.is_set():
+            yield ["cancelled while waiting in the queue; nothing ran", None] + empty
+            return
+        events: queue.Queue = queue.Queue()
+        runner = Runner(preset, on_event=events.put, visitor=visitor_id(request))
+        session["runner"] = runner
+        yield from _run_and_stream(runner, preset, events, budget_gb, session, empty)
+    except GeneratorExit:  # the visitor left (page closed): stop the run, free the line
+        if runner is not None:
+            runner.cancel()
+        raise
+    finally:
+        session.pop("runner", None)
+        session.pop("ticket", None)
+        RUNS.leave(ticket)
+
+
+def _run_and_stream(runner: Any, preset: Any, events: queue.Queue, budget_gb: float | None, session: dict, empty: list):
     outcome: dict[str, Any] = {}
 
     def work() -> None:
         try:
             outcome["run"] = runner.run()
         except WorkbenchError as exc:
-            outcome["error"] = str(exc)
+            outcome["error"] = gate_message(exc)
         except Exception as exc:  # never a stack trace in the page: one line, and the app stays up
             outcome["error"] = f"{type(exc).__name__}: {exc}"
 
@@ -115,7 +147,6 @@ def run_preset(yaml_text: str, budget_gb: float | None, session: dict, request: 
             status = "running"
         table = pd.DataFrame([{"variant": k, "phase": p, "detail": m} for k, (p, m) in progress.items()])
         yield [status, table] + empty
-    session.pop("runner", None)
     if "error" in outcome:
         yield [f"**Run failed:** {outcome['error']}", None] + empty
         return
@@ -153,11 +184,22 @@ def plan_preset_markdown(yaml_text: str, budget_gb: float | None) -> str:
 
 
 def cancel_run(session: dict) -> str:
-    runner = session.get("runner")
+    runner, ticket = session.get("runner"), session.get("ticket")
+    if runner is None and ticket is not None:
+        ticket.cancelled.set()
+        return "cancelled: your run leaves the queue"
     if runner is None:
         return "nothing is running"
     runner.cancel()
     return "cancelling: the variant in flight stops, the rest are recorded as cancelled"
+
+
+def end_session(session: dict) -> None:
+    """The visitor left: their queued or running run is cancelled (chat workers are closed by chat.close_workers)."""
+    if session.get("ticket") is not None:
+        session["ticket"].cancelled.set()
+    if session.get("runner") is not None:
+        session["runner"].cancel()
 
 
 def _importable_methods() -> tuple[list[str], dict[str, str]]:
@@ -233,7 +275,8 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
     from_form.click(lambda m, ms, t, *v: preset_from_form(m, ms, t, fields, list(v)), [model, methods, threads, *inputs],
                     yaml_box)
     save.click(save_preset, [save_name, yaml_box], status, api_name="save_preset")
+    # Many calls may wait at once: the run queue (runqueue.py) orders them and shows each its place.
     run.click(run_preset, [yaml_box, budget, session], [status, progress, results, *plots, current_run],
-              api_name="run_preset")
+              api_name="run_preset", concurrency_limit=None)
     cancel.click(cancel_run, session, status)
     plan_button.click(plan_preset_markdown, [yaml_box, budget], plan_box, api_name="plan_preset")

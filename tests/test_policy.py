@@ -128,7 +128,7 @@ def _cli_plan(case: tuple[str, Any, dict[str, str], str], folder: Path) -> tuple
     path = folder / f"{name}.yaml"
     path.write_text(preset_text(data))
     env = {**os.environ, "WORKBENCH_SHARED": "1", "WORKBENCH_HOME": str(home), "HF_HUB_OFFLINE": "1", **extra}
-    done = subprocess.run([sys.executable, "-m", "workbench", "plan", str(path)], cwd=folder, env=env,
+    done = subprocess.run([sys.executable, "-m", "workbench", "plan", str(path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     return name, done.returncode, done.stderr, home
 
@@ -163,6 +163,7 @@ def test_hostile_presets_are_refused_by_the_cli_gate_before_any_model_loads(tmp_
 
 def test_gate_finds_every_path_marked_option_of_every_method() -> None:
     """A free-text option of any method is either marked as a path or known not to be one: none is missed."""
+    import types
     import typing
 
     from pydantic import BaseModel
@@ -175,7 +176,8 @@ def test_gate_finds_every_path_marked_option_of_every_method() -> None:
 
     def walk(method: str, model: type[BaseModel]) -> None:
         for name, info in model.model_fields.items():
-            args = typing.get_args(info.annotation) or (info.annotation,)
+            union = typing.get_origin(info.annotation) in (typing.Union, types.UnionType)
+            args = typing.get_args(info.annotation) if union else (info.annotation,)  # list[str]: module names
             if any(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
                 walk(method, next(a for a in args if isinstance(a, type) and issubclass(a, BaseModel)))
             elif str in args:

@@ -152,7 +152,7 @@ def load_preset(path: str | Path) -> Preset:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise PresetError(f"{path}: not valid YAML ({exc})") from None
+        raise PresetError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None  # one line
     return parse_preset(data, str(path))
 
 

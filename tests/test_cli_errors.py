@@ -102,10 +102,9 @@ def test_group_size_is_checked_against_the_model_widths_first(command, tmp_path,
                                     "variants": [{"name": "fp32", "method": "fp32"},
                                                  {"name": "g128", "method": "gptq", "options": {"group_size": 128}},
                                                  {"name": "a128", "method": "awq", "options": {"group_size": 128}}]}))
-    started = time.monotonic()
     assert main([command, str(path), *(["--out", str(tmp_path / "out")] if command == "run" else [])]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 2 and time.monotonic() - started < 30
+    assert len(lines) == 2, lines
     assert lines[0].startswith("error: variant 'g128' (gptq): group_size 128 does not divide the input width 576 of "
                                "model.layers.0.self_attn.q_proj")
     assert "valid group sizes for this model: 16, 32, 64" in lines[0] and lines[1].startswith("error: variant 'a128' (awq)")
@@ -114,7 +113,7 @@ def test_group_size_is_checked_against_the_model_widths_first(command, tmp_path,
 
 @pytest.mark.parametrize("kind,content,what", [
     ("empty", b"", "it is empty (0 bytes)"),
-    ("text", b"This is a text file, not model weights.\n" * 10, "410 bytes of a text file, starting with b'This is '"),
+    ("text", b"This is a text file, not model weights.\n" * 10, "400 bytes of a text file, starting with b'This is '"),
     ("truncated", None, "its header or tensor table cannot be read (truncated or corrupted"),
 ])
 def test_damaged_gguf_model_is_described_as_damaged(kind, content, what, tmp_path, bundled_source) -> None:

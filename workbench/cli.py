@@ -132,6 +132,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _gate(preset)
     if args.out is not None:
         _output_folder(args.out)
+    if preset.device == "cuda":  # said here, before the progress bar and the preparing worker start
+        from workbench.runtimes.torch import pick_device
+
+        pick_device("cuda")
 
     from tqdm import tqdm
 

@@ -102,7 +102,7 @@ def test_visitor_b_sees_none_of_visitor_a_runs(shared_url) -> None:
         run_id = RUN_ID.search(alice.locator("body").inner_text()).group(0)
         alice.get_by_role("tab", name="History").click()
         alice.get_by_role("button", name="Refresh").click()
-        alice.get_by_text(run_id).first.wait_for(timeout=30_000)  # A sees their own run
+        alice.locator(f"text={run_id} >> visible=true").first.wait_for(timeout=30_000)  # A sees their own run
 
         bob = browser.new_context(viewport={"width": 1400, "height": 1800}).new_page()
         bob.on("pageerror", lambda error: errors.append(str(error)))
@@ -115,7 +115,7 @@ def test_visitor_b_sees_none_of_visitor_a_runs(shared_url) -> None:
         run_box.fill(run_id)  # typed by hand: the dropdown takes custom values
         run_box.press("Enter")
         bob.get_by_role("button", name="Open", exact=True).click()
-        bob.get_by_text(f"no run '{run_id}' here").first.wait_for(timeout=30_000)
+        bob.locator(f"text=no run '{run_id}' here >> visible=true").first.wait_for(timeout=30_000)
         bob.get_by_role("tab", name="Chat").click()
         bob.get_by_role("button", name="Refresh runs").click()
         bob.wait_for_timeout(2000)

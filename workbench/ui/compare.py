@@ -17,9 +17,9 @@ from workbench.methods.registry import get_method, method_names
 from workbench.paths import workbench_home
 from workbench.plots import CHART_LABELS
 from workbench.sources import BUNDLED
-from workbench.ui.runqueue import RUNS
 from workbench.ui.common import (PRESETS_DIR, display_table, figures, gate_message, limits, preset_names, run_note,
                                  visitor_id)
+from workbench.ui.runqueue import RUNS
 
 
 def _default(field: Any) -> Any:

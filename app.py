@@ -17,10 +17,16 @@ import gradio as gr
 
 from workbench.ui.chat import build_chat, close_workers
 from workbench.ui.common import limits
-from workbench.ui.compare import build_compare
+from workbench.ui.compare import build_compare, end_session as end_runs
 from workbench.ui.history import build_history
 
 CSS = ".chat-panel mark { background: #ffe08a; } .chat-panel { min-height: 6em; }"
+
+
+def end_session(session: dict) -> None:
+    """A visitor left: cancel their queued or running run and close their chat workers."""
+    end_runs(session)
+    close_workers(session)
 
 
 def build_app() -> gr.Blocks:
@@ -29,7 +35,7 @@ def build_app() -> gr.Blocks:
         gr.Markdown("# Squeeze Bench\nCompress a causal LM several ways and compare the variants on the same tokens."
                     + ("\n\n*Shared mode: local paths are off; you see only your own runs.*" if lim.shared else ""))
         # Per visitor: runner in flight, own run ids, chat workers (ended with the visitor's session).
-        session = gr.State({}, delete_callback=close_workers)
+        session = gr.State({}, delete_callback=end_session)
         current_run = gr.State(None)
         with gr.Tab("Compare"):
             build_compare(session, current_run)

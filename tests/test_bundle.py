@@ -23,7 +23,7 @@ def test_bundle_reproduces_quality_figures_exactly(write_preset, tmp_path, capsy
     preset, original, tokens = read_bundle(bundle)
     assert original["run_id"] == run["run_id"] and tokens == json.loads((tmp_path / "run" / "eval_tokens.json").read_text())
 
-    comparisons, notes = reproduce(bundle)
+    comparisons, notes = reproduce(bundle, allow_paths=True)  # the tiny model is a local folder
     assert notes == []
     quality = [c for c in comparisons if c.metric in ("perplexity", "kld_mean", "top1_agreement", "weight_bytes")]
     assert len(quality) == 8 and all(c.ok for c in quality)

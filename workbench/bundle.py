@@ -99,13 +99,20 @@ def compare_runs(original: dict[str, Any], new: dict[str, Any]) -> list[Comparis
     return rows
 
 
-def reproduce(path: Path, out_dir: Path | None = None, on_event=lambda _e: None) -> tuple[list[Comparison], list[str]]:
-    """Rerun a bundle here; return the figure comparisons and notes (tokens, model, environment)."""
-    from workbench.presets import parse_preset
+def reproduce(path: Path, out_dir: Path | None = None, on_event=lambda _e: None, allow_paths: bool = False,
+              trust_remote_code: bool = False, show=lambda _text: None) -> tuple[list[Comparison], list[str]]:
+    """Rerun a bundle here; return the figure comparisons and notes (tokens, model, environment).
+
+    The bundle comes from someone else: its preset is shown (`show`) and passes the policy gate in
+    bundle mode, so its local paths and remote code run only with `allow_paths` / `trust_remote_code`."""
+    from workbench.policy import bundle_mode, enforce
+    from workbench.presets import dump_preset, parse_preset
     from workbench.runner import Runner
 
     preset_data, original, tokens = read_bundle(path)
     preset = parse_preset(preset_data, f"{path}:preset.yaml")
+    show(f"the bundle's preset ({path}):\n{dump_preset(preset).rstrip()}")
+    enforce(preset, bundle_mode(allow_paths, trust_remote_code))
     with tempfile.TemporaryDirectory() as scratch:
         runner = Runner(preset, out_dir=out_dir or Path(scratch) / "run", on_event=on_event)
         new = runner.run()

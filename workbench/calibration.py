@@ -16,6 +16,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from workbench.errors import EvalTextError
+from workbench.pathfield import path_field
+
+CALIBRATION_TEXTS = ("pydoc", "pydoc-a", "pydoc-b", "wikitext2")  # built in; anything else names a file
 
 # A paragraph shorter than this may legitimately repeat (headings, "Changed in version 3.x").
 _OVERLAP_MIN_CHARS = 80
@@ -26,8 +29,9 @@ class CalibrationSpec(BaseModel):
 
     samples: int = Field(32, gt=0, description="Number of calibration sequences.")
     seq_len: int = Field(256, gt=1, description="Tokens per calibration sequence.")
-    text: str = Field("pydoc", description="pydoc | pydoc-a | pydoc-b | wikitext2 (online) | path to a UTF-8 text file; "
-                                           "never overlaps the eval text.")
+    text: str = path_field("pydoc", keywords=CALIBRATION_TEXTS,
+                           description="pydoc | pydoc-a | pydoc-b | wikitext2 (online) | path to a UTF-8 text file; "
+                                       "never overlaps the eval text.")
     seed: int = Field(0, description="Which sequences are drawn from the text (a different seed, a different set).")
 
 

@@ -44,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
 
     reproduce = commands.add_parser("reproduce", help="rerun a bundle here and compare every figure")
     reproduce.add_argument("bundle", type=Path)
+    reproduce.add_argument("--allow-paths", action="store_true",
+                           help="let the bundle's preset read local files (model, eval or calibration text, GGUF paths)")
+    reproduce.add_argument("--trust-remote-code", action="store_true",
+                           help="let the bundle's model run code shipped with its weights")
 
     plan = commands.add_parser("plan", help="estimate each variant's weight memory and time before anything loads")
     plan.add_argument("preset", help="path to a preset YAML file")
@@ -81,8 +85,42 @@ def main(argv: list[str] | None = None) -> int:
                 "bundle": cmd_bundle, "plan": cmd_plan, "selfcheck": cmd_selfcheck,
                 "reproduce": cmd_reproduce, "sweep": cmd_sweep, "export-model": cmd_export_model}[args.command](args)
     except WorkbenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from workbench.policy import PolicyError
+
+        for reason in exc.reasons if isinstance(exc, PolicyError) else [str(exc)]:  # one line per reason
+            print(f"error: {reason}", file=sys.stderr)
         return 2
+
+
+def _gate(preset):
+    """The policy gate every CLI entry point passes (policy.py); shared mode when WORKBENCH_SHARED=1."""
+    from workbench.policy import cli_mode, enforce
+
+    enforce(preset, cli_mode())
+    return preset
+
+
+def _output_folder(out: Path) -> None:
+    """--out must be a folder this process can create and write, said in one line before anything runs."""
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out} is a file; give a folder (new or existing) for the run's outputs")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise WorkbenchError(f"--out {out} cannot be written ({exc.strerror or type(exc).__name__}); "
+                             "choose a folder you can write to") from None
+
+
+def _output_file(path: Path, flag: str) -> None:
+    """An export target: its folder must exist and the path must not be a folder."""
+    if path.is_dir():
+        raise WorkbenchError(f"{flag} {path} is a folder; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise WorkbenchError(f"{flag} {path}: the folder {parent} does not exist; create it first or choose another")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -93,10 +131,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         preset = select_variants(preset, [n.strip() for n in args.only.split(",") if n.strip()])
     if args.trust_remote_code:
         preset = preset.model_copy(update={"trust_remote_code": True})
+    _gate(preset)
+    if args.out is not None:
+        _output_folder(args.out)
+    if preset.device == "cuda":  # said here, before the progress bar and the preparing worker start
+        from workbench.runtimes.torch import pick_device
+
+        pick_device("cuda")
 
     from tqdm import tqdm
 
-    from workbench.report import format_table, protocol_summary, sensitivity_text
+    from workbench.report import budget_verdict, format_table, protocol_summary, sensitivity_text
     from workbench.runner import Runner
 
     address = args.ray if args.ray is not None else preset.ray
@@ -133,6 +178,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if flags_text(result):
         print(flags_text(result))
+    if budget_verdict(result):
+        print(budget_verdict(result))
     print(protocol_summary(result))
     from workbench.report import speed_note
 
@@ -186,7 +233,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         if not models:
             raise WorkbenchError("--models needs at least one model, e.g. --models bundled:smollm2-135m-instruct,gpt2")
-    presets = expand(presets, models)
+    presets = [_gate(p) for p in expand(presets, models)]
     executor_for, started_ray = _ray_executor(args.ray, presets, args.ray_retries)
     lock = threading.Lock()
 
@@ -222,6 +269,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     preset = load_preset(args.preset)
     if args.trust_remote_code:
         preset = preset.model_copy(update={"trust_remote_code": True})
+    _gate(preset)
     plans, context = plan_preset_file(preset, recalibrate=args.recalibrate, emit=lambda m: print(m, file=sys.stderr))
     budget = args.memory_budget_gb or preset.memory_budget_gb
     print(plan_text(preset, plans, context, budget))
@@ -290,7 +338,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
     if not args.bundle.is_file():
         raise WorkbenchError(f"bundle {args.bundle} does not exist")
-    comparisons, notes = reproduce(args.bundle)
+    comparisons, notes = reproduce(args.bundle, allow_paths=args.allow_paths, trust_remote_code=args.trust_remote_code,
+                                   show=print)
     for note in notes:
         print(f"note: {note}")
     print(f"{'variant':<14} {'metric':<16} {'original':>14} {'new':>14} {'tolerance':>10}  result")
@@ -309,6 +358,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if not (args.csv or args.json or args.markdown or args.html):
         raise WorkbenchError("export needs --csv, --json, --markdown and/or --html FILE")
+    targets = [(args.csv, "--csv"), (args.json, "--json"), (args.html, "--html"), (args.markdown, "--markdown")]
+    for path, flag in targets:
+        if path is not None:
+            _output_file(path, flag)
     run = _stored_run(args.run_id)
     if args.csv:
         export_csv(run, args.csv)

@@ -18,24 +18,58 @@ GGUF_NAME = "model.gguf"  # the file inside a GGUF artifact folder
 
 
 def check_gguf_file(path: Path) -> None:
-    """Refuse files that are not GGUF before handing them to native code."""
+    """Refuse files that are not GGUF before handing them to native code; say what is wrong and the size."""
+    path = Path(path)
     if not path.is_file():
         raise WorkbenchError(f"GGUF file {path} does not exist")
+    size = path.stat().st_size
+    if size == 0:
+        raise WorkbenchError(f"{path} is a damaged GGUF file: it is empty (0 bytes)")
     with path.open("rb") as handle:
-        magic = handle.read(4)
-    if magic != GGUF_MAGIC:
-        raise WorkbenchError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
+        head = handle.read(64)
+    if head[:4] != GGUF_MAGIC:
+        kind = "a text file" if _looks_like_text(head) else "not GGUF data"
+        raise WorkbenchError(f"{path} is not a GGUF file: {_size(size)} of {kind}, starting with {head[:8]!r} "
+                             "instead of b'GGUF' (a damaged or mislabelled file)")
+    if size < 24:  # magic, version, tensor count and metadata count
+        raise WorkbenchError(f"{path} is a damaged GGUF file: {_size(size)}, too short even for the GGUF header")
+
+
+def check_gguf_readable(path: Path) -> None:
+    """check_gguf_file, then the whole header and tensor table read, so a truncated file is named as such."""
+    import gguf
+
+    check_gguf_file(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as exc:  # the reader runs off the end of truncated data
+        raise WorkbenchError(f"{path} is a damaged GGUF file: {_size(Path(path).stat().st_size)}, its header or tensor "
+                             f"table cannot be read (truncated or corrupted: {type(exc).__name__})") from None
+    size = Path(path).stat().st_size
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise WorkbenchError(f"{path} is a damaged GGUF file: {_size(size)}, but its tensors need {_size(end)} "
+                             "(truncated)")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+
+
+def _size(size: int) -> str:
+    return f"{size} bytes" if size < 10_000 else f"{size / 1e6:.1f} MB ({size} bytes)"
 
 
 def gguf_summary(path: Path) -> dict[str, Any]:
     """{'tensor_types': {type: count}, 'bits_per_weight': float, 'architecture': str, 'tensors': int, ...}."""
     import gguf
 
-    check_gguf_file(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as exc:  # truncated or corrupted: the reader runs off the end of the data
-        raise WorkbenchError(f"{path} is a damaged GGUF file ({type(exc).__name__}: {exc})") from None
+    check_gguf_readable(path)
+    reader = gguf.GGUFReader(path)
     types = Counter(tensor.tensor_type.name for tensor in reader.tensors)
     elements = sum(int(tensor.n_elements) for tensor in reader.tensors)
     tensor_bytes = sum(int(tensor.n_bytes) for tensor in reader.tensors)

@@ -146,9 +146,12 @@ def shape_from_gguf(path: Path) -> ModelShape:
     """The shape from a GGUF file's metadata and tensor table (memory-mapped; tensor data is never read)."""
     import gguf
 
-    from workbench.gguf_info import check_gguf_file, gguf_field
+    from workbench.gguf_info import check_gguf_readable, gguf_field
 
-    check_gguf_file(path)
+    try:
+        check_gguf_readable(path)
+    except WorkbenchError as exc:
+        raise ShapeError(str(exc)) from None
     try:
         reader = gguf.GGUFReader(path)
     except Exception as exc:

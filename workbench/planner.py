@@ -240,9 +240,9 @@ def plan_preset_file(preset: Any, recalibrate: bool = False, emit: Any = print) 
     from workbench.roofline import machine_profile
     from workbench.runtimes.torch import pick_device
 
+    device = pick_device(preset.device)  # a cuda preset on a CPU machine is refused before anything is read
     shape, info = read_shape(preset.model, preset.trust_remote_code)
     profile = machine_profile(preset.threads, refresh=recalibrate, emit=emit)
-    device = pick_device(preset.device)
     fingerprint, prepare_note = _source_state(preset.model, info)
     cached = cached_variants(preset, fingerprint, device, shape.dtype)
     plans = plan_preset(preset, shape, profile, device, {"source": info.get("gguf_file")}, cached)

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from workbench.errors import PresetError
+from workbench.pathfield import path_field
 
 DEFAULT_SAMPLE_PROMPTS = (
     "What is the capital of France?",
@@ -29,8 +30,8 @@ class StrictModel(BaseModel):
 
 
 class EvalSpec(StrictModel):
-    text: str = Field(
-        "pydoc",
+    text: str = path_field(
+        "pydoc", keywords=("pydoc", "wikitext2"),
         description="'pydoc' (English prose shipped with Python, offline), 'wikitext2' (needs a hub), "
         "or a path to a UTF-8 text file.",
     )
@@ -115,6 +116,8 @@ class Preset(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, gt=0, description="CPU threads, pinned.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model (off unless you trust it).")
+    allow_pickle: bool = Field(False, description="A local model folder may load pickled .bin weights (they can run "
+                                                  "code when loaded); refused in shared mode. Otherwise safetensors only.")
     ray: str | None = Field(None, description="Run the variants as Ray tasks: auto (a running cluster), local, "
                             "ray://HOST:PORT or HOST:PORT; the CLI's --ray overrides it (docs/scale-out.md).")
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -163,7 +166,7 @@ def load_preset(path: str | Path) -> Preset:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
-        raise PresetError(f"{path}: not valid YAML ({exc})") from None
+        raise PresetError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None  # one line
     return parse_preset(data, str(path))
 
 

@@ -106,9 +106,20 @@ def format_table(run: dict[str, Any]) -> str:
     table = summary_table(run)
     if not table["error"].astype(bool).any():
         table = table.drop(columns="error")
-    text = table.to_string(index=False, na_rep="—", float_format=lambda v: f"{v:.4g}")
+    # Cells formatted here, not by pandas: a column that is all None (every variant failed) has object
+    # dtype, where na_rep does not apply and pandas would print "None".
+    cells = table.astype(object).map(_cell)
+    text = cells.to_string(index=False)
     legend = table_legend(run)
     return f"{text}\n{legend}" if legend else text
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
 
 
 def flat_records(run: dict[str, Any]) -> pd.DataFrame:
@@ -177,6 +188,19 @@ def tokenization_summary(protocol: dict[str, Any]) -> str:
                if agreement and agreement.get("matching_fraction") is not None else "")
     return (f" Tokens: {protocol['bos_detail']}; {protocol['chars_per_token']:.2f} characters per token{checked}; "
             f"unigram perplexity of the scored ids {protocol['unigram_perplexity']:.4g} (a baseline above it is flagged).")
+
+
+def budget_verdict(run: dict[str, Any]) -> str:
+    """The memory-budget verdict of a run, for after its table (the CLI) and the app's note."""
+    budget = run.get("memory_budget_gb") or (run.get("preset") or {}).get("memory_budget_gb")
+    if not budget:
+        return ""
+    over = run.get("over_budget")
+    if over is None:
+        return f"memory budget {budget:g} GB: not checked (no estimates for this run)"
+    if not over:
+        return f"memory budget {budget:g} GB: every variant's estimated peak fits"
+    return f"memory budget {budget:g} GB: {len(over)} variant(s) over budget\n" + "\n".join(f"  over budget: {w}" for w in over)
 
 
 def markdown_table(run: dict[str, Any]) -> str:

@@ -69,6 +69,7 @@ class Runner:
         on_event: Callable[[ProgressEvent], None] = lambda _e: None,
         history: History | None = None,
         executor: Callable[..., WorkerOutcome] | None = None,
+        visitor: str | None = None,
     ):
         self.preset = preset
         self.executor = executor or run_in_worker  # run_in_worker's signature; scaleout.RayExecutor runs on Ray
@@ -77,6 +78,7 @@ class Runner:
         self.use_cache = use_cache
         self.on_event = on_event
         self.history = history
+        self.visitor = visitor  # the app visitor (gradio session) who started the run; None from the CLI
         self._cancel = threading.Event()
         self.worker_pid: int | None = None  # the worker process in flight, for the UI and tests
         self.machine_profile: dict | None = None  # bandwidth / matmul speed of this machine (roofline.py)
@@ -98,11 +100,12 @@ class Runner:
         preset = self.preset
         (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
         tokens_path = self.out_dir / "eval_tokens.json"
+        self._check_before_preparing()
         self._emit(None, "preparing", f"resolving {preset.model}")
         prepared = self._worker(
             "workbench.worker:prepare_source",
             {"model": preset.model, "trust_remote_code": preset.trust_remote_code, "eval": preset.eval.model_dump(),
-             "device": preset.device, "eval_tokens_path": str(tokens_path)},
+             "device": preset.device, "eval_tokens_path": str(tokens_path), "allow_pickle": preset.allow_pickle},
             "prepare", None, "preparing", -1,
         )
         if not prepared.ok:
@@ -111,7 +114,7 @@ class Runner:
         run = self._run_document(prep)
         estimates = self._plan(prep, run)
         history = self.history or History()
-        history.start_run(run, self.out_dir)
+        history.start_run(run, self.out_dir, visitor=self.visitor)
 
         order = sorted(range(len(preset.variants)), key=lambda i: preset.variants[i].name != preset.baseline)
         reference = self.out_dir / "baseline_logprobs.npy"
@@ -157,6 +160,23 @@ class Runner:
             history.close()
         self._emit(None, "done", f"run {self.run_id}: {run['status']}")
         return run
+
+    def _check_before_preparing(self) -> None:
+        """Group sizes against the model's widths, from its config: seconds, not a calibration's minutes."""
+        from workbench.modelshape import read_shape
+        from workbench.policy import group_size_refusals
+
+        if not any(s.method in ("gptq", "awq") for v in self.preset.variants for s in v.stages()):
+            return
+        try:
+            shape, _ = read_shape(self.preset.model, self.preset.trust_remote_code)
+        except WorkbenchError:  # ShapeError and the like: preparing the model will say what is wrong
+            return
+        reasons = group_size_refusals(self.preset, shape)
+        if reasons:
+            from workbench.policy import PolicyError
+
+            raise PolicyError(reasons)
 
     def _build_and_measure(self, spec: VariantSpec, step: int, prep: dict, is_baseline: bool,
                            reference: Path, baseline_ok: bool) -> dict:
@@ -229,8 +249,10 @@ class Runner:
             plans = plan_for_run(self.preset, prep, self.machine_profile, self.use_cache)
         except Exception as exc:  # an estimate must never stop a run: say why there is none
             self._emit(None, "preparing", f"no estimates: {exc}")
+            run["over_budget"] = None  # unknown, not "fits"
             return {}
-        for warning in over_budget(plans, self.preset.memory_budget_gb):
+        run["over_budget"] = over_budget(plans, self.preset.memory_budget_gb)  # the verdict, kept in results.json
+        for warning in run["over_budget"]:
             self._emit(None, "preparing", f"warning: {warning}")
         return {p.name: p.record() for p in plans}
 
@@ -346,6 +368,8 @@ class Runner:
                 ),
             },
             "status": "running",
+            "memory_budget_gb": preset.memory_budget_gb,
+            "over_budget": [],
             "out_dir": str(self.out_dir),
             "variants": [],
         }

@@ -58,7 +58,7 @@ def bundled_gguf_path() -> Path:
 
 
 def resolve_source(
-    spec: str, trust_remote_code: bool = False, emit: Callable[[str], None] = lambda _m: None
+    spec: str, trust_remote_code: bool = False, emit: Callable[[str], None] = lambda _m: None, allow_pickle: bool = False
 ) -> ModelSource:
     """Find or prepare the model; raise SourceError with a message a user can act on."""
     if spec == BUNDLED:
@@ -76,6 +76,7 @@ def resolve_source(
             return source
         if path.is_dir():
             check_causal_lm(path, spec, trust_remote_code)
+            check_weight_format(path, spec, allow_pickle)
             return ModelSource(spec, "local", path.resolve(), "sha256:" + _folder_fingerprint(path))
         raise SourceError(f"{spec} is neither a Hugging Face model folder nor a .gguf file")
     if spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or not _HUB_ID.match(spec):
@@ -113,7 +114,22 @@ def check_causal_lm(folder: Path, spec: str, trust_remote_code: bool) -> None:
         )
 
 
+def check_weight_format(folder: Path, spec: str, allow_pickle: bool) -> None:
+    """Safetensors only: pickled .bin/.pt weights can run code when loaded, so they need the preset's allow_pickle."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if not pickled:
+        raise SourceError(f"{spec} has no weights (no *.safetensors file)")
+    if not allow_pickle:
+        raise SourceError(f"{spec} holds only pickled weights ({', '.join(pickled[:3])}), which can run code when "
+                          "loaded; convert them to safetensors, or set 'allow_pickle: true' in the preset if you trust them")
+
+
 def _from_gguf(gguf: Path, emit: Callable[[str], None]) -> ModelSource:
+    from workbench.gguf_info import check_gguf_readable
+
+    check_gguf_readable(gguf)  # a damaged file is described as damaged, before any conversion is tried
     fingerprint = "sha256:" + file_sha256(gguf)
     # "tokenizer": how the folder's tokenizer is chosen (checked against llama.cpp's, rebuilt when it disagrees).
     material = {"gguf": fingerprint, "converter": _versions(), "tokenizer": "checked-against-llama.cpp-v1"}
@@ -143,7 +159,7 @@ def _convert_gguf(gguf: Path, out: Path, emit: Callable[[str], None] = lambda _m
         # Every torch method (and the eval tokenizer) needs the model in transformers; llama.cpp alone can still
         # run the file, as a variant next to a model transformers can load.
         raise SourceError(
-            f"transformers cannot load {gguf} as a causal LM ({type(exc).__name__}: {str(exc).splitlines()[0]}), so "
+            f"transformers cannot load {gguf} as a causal LM ({type(exc).__name__}: {_first_line(exc)}), so "
             f"the methods that need the weights in transformers ({', '.join(n for n in method_names() if n != 'gguf-file')}) "
             f"cannot take it. llama.cpp can still run it: use a transformers-loadable model of the same family as "
             f"model and add a variant {{method: gguf-file, options: {{path: {gguf}}}}}"
@@ -196,6 +212,12 @@ def _agreeing_tokenizer(gguf: Path, auto_tokenizer: Any, emit: Callable[[str], N
         raise SourceError(f"{gguf}: transformers cannot build a tokenizer from this file ({tried['transformers']}) and "
                           "no tokenizer rebuilt from its vocabulary tokenizes like llama.cpp does")
     return candidate, {"origin": "transformers' GGUF conversion", "agreement": tried["transformers"], "tried": tried}
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's first line without its closing full stop, for embedding inside a sentence."""
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__).rstrip(". ")
 
 
 def _from_hub(repo_id: str, trust_remote_code: bool, emit: Callable[[str], None]) -> ModelSource:

@@ -8,6 +8,8 @@ a cancel later in the run keeps what was already measured.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -48,6 +50,14 @@ MIGRATIONS: list[str] = [
         winner TEXT NOT NULL CHECK (winner IN ('a', 'b', 'tie'))
     );
     """,
+    # Who runs a run (host, pid and the pid's start time, so a reused pid is not mistaken for the owner),
+    # and which app visitor started it (a gradio session; NULL from the CLI).
+    """
+    ALTER TABLE runs ADD COLUMN owner_host TEXT;
+    ALTER TABLE runs ADD COLUMN owner_pid INTEGER;
+    ALTER TABLE runs ADD COLUMN owner_start TEXT;
+    ALTER TABLE runs ADD COLUMN visitor TEXT;
+    """,
 ]
 
 
@@ -59,6 +69,7 @@ class History:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+        self.interrupted = self.mark_interrupted()  # runs whose process died (kill -9, a crash) without finishing
 
     def _migrate(self) -> None:
         self.db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT)")
@@ -72,13 +83,34 @@ class History:
     def schema_version(self) -> int:
         return int(self.db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
 
-    def start_run(self, run: dict[str, Any], out_dir: Path) -> None:
+    def start_run(self, run: dict[str, Any], out_dir: Path, visitor: str | None = None) -> None:
+        pid = os.getpid()
         with self.db:
             self.db.execute(
-                "INSERT INTO runs (run_id, created_at, name, model, status, out_dir, run_json) VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO runs (run_id, created_at, name, model, status, out_dir, run_json, owner_host, owner_pid, "
+                "owner_start, visitor) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (run["run_id"], run["created_at"], run["preset"]["name"], run["model"]["source"], "running",
-                 str(out_dir), json.dumps(_without_variants(run))),
+                 str(out_dir), json.dumps(_without_variants(run)), socket.gethostname(), pid, process_start(pid), visitor),
             )
+
+    def mark_interrupted(self) -> list[str]:
+        """Runs still 'running' whose owner process on this host is gone become 'interrupted' (history and
+        results.json). Runs owned by another host are left alone: their process cannot be seen from here."""
+        rows = self.db.execute("SELECT run_id, owner_pid, owner_start, out_dir FROM runs "
+                               "WHERE status = 'running' AND owner_host = ?", (socket.gethostname(),)).fetchall()
+        gone = [row for row in rows if not owner_alive(row["owner_pid"], row["owner_start"])]
+        for row in gone:
+            run = self.load_run(row["run_id"])
+            if run is None:
+                continue
+            run["status"] = "interrupted"
+            run["interrupted"] = (f"its process (pid {row['owner_pid']}) ended without finishing the run "
+                                  f"(killed or crashed); found at {_now()}")
+            with self.db:
+                self.db.execute("UPDATE runs SET status = 'interrupted', run_json = ? WHERE run_id = ? AND status = 'running'",
+                                (json.dumps(_without_variants(run)), row["run_id"]))
+            _write_results(Path(row["out_dir"]) if row["out_dir"] else None, run)
+        return [row["run_id"] for row in gone]
 
     def save_variant(self, run_id: str, position: int, record: dict[str, Any]) -> None:
         with self.db:
@@ -93,11 +125,13 @@ class History:
             self.db.execute("UPDATE runs SET status = ?, run_json = ? WHERE run_id = ?",
                             (status, json.dumps(_without_variants(run)), run["run_id"]))
 
-    def runs(self) -> list[dict[str, Any]]:
+    def runs(self, visitor: str | None = None) -> list[dict[str, Any]]:
+        """Every run, newest first; with `visitor`, only the runs that app visitor started."""
+        where, args = ("WHERE r.visitor = ? ", (visitor,)) if visitor is not None else ("", ())
         rows = self.db.execute(
-            "SELECT r.run_id, r.created_at, r.name, r.model, r.status, r.out_dir, "
+            "SELECT r.run_id, r.created_at, r.name, r.model, r.status, r.out_dir, r.visitor, "
             "COUNT(v.name) AS variants, SUM(v.status = 'ok') AS ok "
-            "FROM runs r LEFT JOIN variants v USING (run_id) GROUP BY r.run_id ORDER BY r.created_at DESC"
+            f"FROM runs r LEFT JOIN variants v USING (run_id) {where}GROUP BY r.run_id ORDER BY r.created_at DESC", args
         )
         return [dict(row) for row in rows]
 
@@ -135,6 +169,49 @@ class History:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3 onwards of /proc/PID/stat (Linux); None where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()  # the command name in parentheses may hold spaces
+
+
+def process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot, None where it cannot be read."""
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None  # field 22 of stat
+
+
+def owner_alive(pid: int | None, start: str | None) -> bool:
+    if pid is None:
+        return True  # a run recorded before owners were: nothing to tell, leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    fields = _proc_stat(pid)
+    if fields and fields[0] in ("Z", "X"):  # a zombie: killed, its parent has not reaped it yet
+        return False
+    return start is None or fields is None or fields[19] == start
+
+
+def _write_results(out_dir: Path | None, run: dict[str, Any]) -> None:
+    """Keep results.json in step with the history; a run folder that is gone or read-only is left as it is."""
+    if out_dir is None or not out_dir.is_dir():
+        return
+    try:
+        path = out_dir / "results.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(run, indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass
 
 
 def _without_variants(run: dict[str, Any]) -> dict[str, Any]:

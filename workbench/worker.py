@@ -268,7 +268,9 @@ def prepare_source(payload: dict, emit: Emit) -> dict:
     from workbench.runtimes.torch import pick_device
     from workbench.sources import resolve_source
 
-    source = resolve_source(payload["model"], payload["trust_remote_code"], emit)
+    device = pick_device(payload["device"])  # before the model is prepared: a CPU machine refuses cuda in seconds
+    source = resolve_source(payload["model"], payload["trust_remote_code"], emit,
+                            allow_pickle=payload.get("allow_pickle", False))
     emit("checking the weights")
     weights = validity.check_weights(source.hf_dir, source.spec, payload["trust_remote_code"])
     emit("tokenizing the eval text")
@@ -289,6 +291,6 @@ def prepare_source(payload: dict, emit: Emit) -> dict:
     bos = validity.bos_policy(tokenizer, gguf_metadata, payload["eval"].get("bos"))
     Path(payload["eval_tokens_path"]).write_text(json.dumps(ids))
     return {"source": source.to_record(), "eval_text": description, "eval_tokens": len(ids),
-            "device": pick_device(payload["device"]), "tokenizer": type(tokenizer).__name__,
+            "device": device, "tokenizer": type(tokenizer).__name__,
             "validity": {**bos.to_record(), "chars_per_token": density, "tokenizer_agreement": agreement,
                          "unigram_perplexity": validity.unigram_perplexity(ids), "weights": weights}}

@@ -23,8 +23,9 @@ from pydantic import Field, field_validator, model_validator
 
 from workbench.calibration import CalibrationSpec
 from workbench.errors import WorkbenchError
-from workbench.gguf_info import GGUF_NAME, check_gguf_file, gguf_summary
+from workbench.gguf_info import GGUF_NAME, check_gguf_readable, gguf_summary
 from workbench.methods.base import BuildContext, Method, MethodOptions
+from workbench.pathfield import path_field
 
 QuantType = Literal[
     "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
@@ -84,8 +85,9 @@ class GGUFOptions(MethodOptions):
 
 
 class GGUFFileOptions(MethodOptions):
-    path: str = Field("source", description="'source': the preset model's own GGUF file (the bundled Q4_1 file as "
-                                            "shipped, or the .gguf given as model); otherwise a path to a .gguf file.")
+    path: str = path_field("source", keywords=("source",),
+                           description="'source': the preset model's own GGUF file (the bundled Q4_1 file as "
+                                       "shipped, or the .gguf given as model); otherwise a path to a .gguf file.")
     n_gpu_layers: int = Field(0, ge=-1, description="Layers offloaded to a GPU when device is cuda (-1: all).")
 
 
@@ -280,7 +282,7 @@ class GGUFFile(Method):
             path = Path(ctx.source_gguf)
         else:
             path = Path(options.path).expanduser().resolve()
-        check_gguf_file(path)
+        check_gguf_readable(path)
         # A link, not a copy: GGUF files can be many GB; the cache manifest still checksums the target.
         (out_dir / GGUF_NAME).symlink_to(path)
         _finish(out_dir, input_dir, ctx, options.n_gpu_layers, {"requested": "as shipped", "file": str(path)})

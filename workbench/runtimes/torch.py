@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from workbench.cache import folder_bytes
+from workbench.errors import PresetError
 from workbench.runtimes.base import Footprint, chat_token_ids
 
 
@@ -16,7 +17,8 @@ def pick_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device here")
+        raise PresetError("device: cuda was asked for, but torch sees no CUDA device on this machine; "
+                          "use device: cpu or device: auto")
     return requested
 
 

@@ -9,9 +9,11 @@ from typing import Any
 
 import gradio as gr
 
+from workbench.errors import WorkbenchError
 from workbench.paths import runs_dir
 from workbench.store import History
 from workbench.ui.chat_worker import ChatWorker
+from workbench.ui.common import owned_run_ids, visitor_id
 
 PANELS = 4
 MAX_NEW_TOKENS = 64
@@ -55,13 +57,30 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return None if len(a) == len(b) else min(len(a), len(b))
 
 
-def stream_answers(run_id: str, names: list[str], prompt: str, session: dict, labels: list[str] | None = None):
+def chat_run(run_id: str | None, session: dict, visitor: str | None) -> dict:
+    """The run to chat with: one this visitor may open, whose preset the policy gate lets load here."""
+    from workbench.policy import PolicyError, app_mode, enforce
+    from workbench.presets import parse_preset
+    from workbench.ui.history import load_owned_run
+
+    if not run_id:
+        raise gr.Error("choose a run first (History or Compare)")
+    run = load_owned_run(run_id, session, visitor)
+    try:  # the variants load code and weights: the run's preset must pass the same gate as a new run
+        enforce(parse_preset(run["preset"], f"run {run_id}"), app_mode(), estimate=False)
+    except PolicyError as exc:
+        raise gr.Error(f"run {run_id} cannot be loaded here: {exc}") from None
+    except WorkbenchError:
+        pass  # an older preset that no longer parses: its artifacts are plain folders, the checks above hold
+    return run
+
+
+def stream_answers(run_id: str, names: list[str], prompt: str, session: dict, request: gr.Request = None,
+                   labels: list[str] | None = None):
     """Yield the panel HTML for every variant until all answers are complete."""
     if not prompt or not prompt.strip():
         raise gr.Error("the prompt is empty")
-    run = History().load_run(run_id) if run_id else None
-    if run is None:
-        raise gr.Error("choose a run first (History or Compare)")
+    run = chat_run(run_id, session, visitor_id(request))
     names = [n for n in names if n]
     if not 2 <= len(names) <= PANELS:
         raise gr.Error(f"choose 2 to {PANELS} variants (chosen: {len(names)})")
@@ -131,24 +150,26 @@ def build_chat(session: gr.State, current_run: gr.State) -> None:
         vote_note = gr.Markdown()
         leaderboard = gr.Dataframe(label="Votes per variant", interactive=False)
 
-    def runs_choices(session_value: dict, current: str | None):
-        mine = session_value.get("run_ids")
+    def runs_choices(session_value: dict, current: str | None, request: gr.Request):
+        mine = owned_run_ids(session_value, visitor_id(request))  # None: not shared, every run
         rows = [r for r in History().runs() if mine is None or r["run_id"] in mine]
-        return gr.Dropdown(choices=[r["run_id"] for r in rows], value=current or (rows[0]["run_id"] if rows else None))
+        ids = [r["run_id"] for r in rows]
+        return gr.Dropdown(choices=ids, value=current if current in ids else (ids[0] if ids else None))
 
-    def variant_choices(run_id: str | None):
-        run = History().load_run(run_id) if run_id else None
+    def variant_choices(run_id: str | None, session_value: dict, request: gr.Request):
+        mine = owned_run_ids(session_value, visitor_id(request))
+        run = History().load_run(run_id) if run_id and (mine is None or run_id in mine) else None
         names = [r["name"] for r in run["variants"] if r["status"] == "ok"] if run else []
         return gr.Dropdown(choices=names, value=names[:2], multiselect=True)
 
-    def blind(run_id: str, prompt_text: str, session_value: dict):
-        run = History().load_run(run_id) if run_id else None
-        names = [r["name"] for r in run["variants"] if r["status"] == "ok"] if run else []
+    def blind(run_id: str, prompt_text: str, session_value: dict, request: gr.Request):
+        run = chat_run(run_id, session_value, visitor_id(request))
+        names = [r["name"] for r in run["variants"] if r["status"] == "ok"]
         if len(names) < 2:
             raise gr.Error("the run needs at least two ok variants for a blind test")
         pair = random.sample(names, 2)
         session_value["blind"] = {"run_id": run_id, "prompt": prompt_text, "pair": pair}
-        for panels_html in stream_answers(run_id, pair, prompt_text, session_value, labels=["A", "B"]):
+        for panels_html in stream_answers(run_id, pair, prompt_text, session_value, request, labels=["A", "B"]):
             yield panels_html[:2] + ["A and B are hidden; vote, then they are revealed."]
 
     def vote(choice: str, session_value: dict):
@@ -160,9 +181,9 @@ def build_chat(session: gr.State, current_run: gr.State) -> None:
         history.add_vote(pending["run_id"], pending["prompt"], a, b, choice)
         return f"Recorded: A was **{a}**, B was **{b}**.", history.leaderboard()
 
-    refresh.click(runs_choices, [session, current_run], run_box)
+    refresh.click(runs_choices, [session, current_run], run_box, api_name="chat_runs")
     current_run.change(runs_choices, [session, current_run], run_box)
-    run_box.change(variant_choices, run_box, variants)
+    run_box.change(variant_choices, [run_box, session], variants)
     send.click(stream_answers, [run_box, variants, prompt, session], panels, api_name="chat")
     blind_go.click(blind, [run_box, prompt, session], blind_panels + [vote_note])
     for button, choice in zip(votes, ("a", "tie", "b")):

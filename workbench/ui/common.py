@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,28 +23,52 @@ class Limits:
 
 
 def limits() -> Limits:
-    shared = os.environ.get("WORKBENCH_SHARED") == "1"
-    allowed = os.environ.get("WORKBENCH_ALLOWED_DIRS")
-    dirs = tuple(Path(p).expanduser().resolve() for p in allowed.split(os.pathsep)) if allowed else (Path.cwd().resolve(),)
-    return Limits(shared=shared, max_variants=int(os.environ.get("WORKBENCH_MAX_VARIANTS", "6" if shared else "16")),
-                  max_model_params=float(os.environ.get("WORKBENCH_MAX_PARAMS", "5e8" if shared else "1e11")),
-                  allowed_dirs=() if shared else dirs)
+    """The app's mode (policy.app_mode) in the shape the tabs use."""
+    from workbench.policy import app_mode
+
+    mode = app_mode()
+    return Limits(shared=mode.shared, max_variants=int(mode.cap("variants") or 16),
+                  max_model_params=float(mode.cap("params") or 1e11), allowed_dirs=mode.allowed_dirs or ())
 
 
 def check_model_allowed(model: str, lim: Limits) -> None:
     """Local paths only inside allowed folders, none at all in shared mode; say which folders are allowed."""
-    if model == BUNDLED or model.startswith("bundled:"):
-        return
-    path = Path(model).expanduser()
-    looks_local = path.exists() or model.startswith(("/", ".", "~")) or model.endswith(".gguf")
-    if not looks_local:
-        return  # a hub id
+    from workbench.policy import looks_local
+
+    if model == BUNDLED or not looks_local(model):
+        return  # the bundled model or a hub id
     if lim.shared:
         raise WorkbenchError("local paths are disabled in shared mode; use the bundled model or a hub id")
-    resolved = path.resolve()
+    resolved = Path(model).expanduser().resolve()
     if not any(resolved == d or d in resolved.parents for d in lim.allowed_dirs):
         raise WorkbenchError(f"path {model} is outside the allowed folders ({', '.join(map(str, lim.allowed_dirs))}); "
                              "set WORKBENCH_ALLOWED_DIRS to allow more")
+
+
+def visitor_id(request: Any) -> str | None:
+    """The visitor's gradio session: what a shared app keys run ownership by."""
+    return getattr(request, "session_hash", None) if request is not None else None
+
+
+def owned_run_ids(session: dict, visitor: str | None) -> set[str] | None:
+    """The run ids this visitor may see in shared mode; None when the app is not shared (every run)."""
+    from workbench.store import History
+
+    if not limits().shared:
+        return None
+    mine = set(session.get("run_ids", []))
+    if visitor:
+        mine |= {r["run_id"] for r in History().runs(visitor=visitor)}
+    return mine
+
+
+def gate_message(exc: Exception) -> str:
+    """A refusal for the page: one bullet per reason."""
+    from workbench.policy import PolicyError
+
+    if isinstance(exc, PolicyError) and len(exc.reasons) > 1:
+        return "\n" + "\n".join(f"- {reason}" for reason in exc.reasons)
+    return str(exc)
 
 
 def preset_names() -> list[str]:
@@ -85,9 +108,15 @@ def run_note(run: dict[str, Any] | None) -> str:
         return ""
     from workbench.report import protocol_summary, speed_note
 
+    from workbench.report import budget_verdict
+
     note = f"**Note:** {run['model']['note']}\n\n" if run["model"].get("note") else ""
     if speed_note(run):
         note += f"**Speed:** {speed_note(run)}\n\n"
+    verdict = budget_verdict(run)
+    if verdict:  # the memory-budget verdict, as the CLI prints it after its table
+        head, *rest = verdict.splitlines()
+        note += f"**{head}**\n" + "".join(f"\n- {line.strip().removeprefix('over budget: ')}" for line in rest) + "\n\n"
     failed = [f"- **{r['name']}** failed: {r['error']}" for r in run["variants"] if r["status"] != "ok"]
     failed += [f"- **{r['name']}** flagged: {flag['message']}" for r in run["variants"] for flag in r.get("flags") or []]
     honesty = ", ".join(f"{r['name']}: *{r['honesty']}*" for r in run["variants"] if r.get("honesty"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 import typing
 from typing import Any
 
@@ -16,7 +17,9 @@ from workbench.methods.registry import get_method, method_names
 from workbench.paths import workbench_home
 from workbench.plots import CHART_LABELS
 from workbench.sources import BUNDLED
-from workbench.ui.common import PRESETS_DIR, check_model_allowed, display_table, figures, limits, preset_names, run_note
+from workbench.ui.common import (PRESETS_DIR, display_table, figures, gate_message, limits, preset_names, run_note,
+                                 visitor_id)
+from workbench.ui.runqueue import RUNS
 
 
 def _default(field: Any) -> Any:
@@ -68,33 +71,66 @@ def preset_from_form(model: str, methods: list[str], threads: float, fields: lis
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
-def run_preset(yaml_text: str, budget_gb: float | None, session: dict):
-    """Validate, then run in a background thread, streaming per-variant progress; finish with table and charts."""
+def gated_preset(yaml_text: str, estimate: bool = True) -> Any:
+    """Parse the editor's YAML and pass it through the policy gate (policy.py) in the app's mode."""
+    from workbench.policy import app_mode, enforce
     from workbench.presets import parse_preset
+
+    preset = parse_preset(yaml.safe_load(yaml_text or ""), "preset")
+    enforce(preset, app_mode(), estimate=estimate)
+    return preset
+
+
+def run_preset(yaml_text: str, budget_gb: float | None, session: dict, request: gr.Request = None):
+    """Validate, then run in a background thread, streaming per-variant progress; finish with table and charts."""
     from workbench.runner import Runner
 
     empty = [gr.skip()] * (2 + len(CHART_LABELS))  # results table, every chart, current run id
     try:
-        data = yaml.safe_load(yaml_text or "")
-        preset = parse_preset(data, "preset")
-        lim = limits()
-        check_model_allowed(preset.model, lim)
-        if len(preset.variants) > lim.max_variants:
-            raise WorkbenchError(f"{len(preset.variants)} variants; this app allows at most {lim.max_variants}")
-        check_model_size(preset, lim)
+        preset = gated_preset(yaml_text)
     except (WorkbenchError, yaml.YAMLError) as exc:
+        yield [f"**Cannot run:** {gate_message(exc)}", None] + empty
+        return
+    visitor = visitor_id(request) or f"anonymous-{id(session)}"  # an API call without a session is its own visitor
+    try:
+        ticket = RUNS.join(visitor)
+    except WorkbenchError as exc:
         yield [f"**Cannot run:** {exc}", None] + empty
         return
-    events: queue.Queue = queue.Queue()
-    runner = Runner(preset, on_event=events.put)
-    session["runner"] = runner
+    session["ticket"] = ticket
+    runner = None
+    try:
+        while (ahead := RUNS.ahead(ticket)) > 0:  # the page shows the place in the line while it waits
+            if ticket.cancelled.is_set():
+                yield ["cancelled while waiting in the queue; nothing ran", None] + empty
+                return
+            yield [f"waiting in the queue: {ahead} run(s) ahead of yours", None] + empty
+            time.sleep(1.0)
+        if ticket.cancelled.is_set():
+            yield ["cancelled while waiting in the queue; nothing ran", None] + empty
+            return
+        events: queue.Queue = queue.Queue()
+        runner = Runner(preset, on_event=events.put, visitor=visitor_id(request))
+        session["runner"] = runner
+        yield from _run_and_stream(runner, preset, events, budget_gb, session, empty)
+    except GeneratorExit:  # the visitor left (page closed): stop the run, free the line
+        if runner is not None:
+            runner.cancel()
+        raise
+    finally:
+        session.pop("runner", None)
+        session.pop("ticket", None)
+        RUNS.leave(ticket)
+
+
+def _run_and_stream(runner: Any, preset: Any, events: queue.Queue, budget_gb: float | None, session: dict, empty: list):
     outcome: dict[str, Any] = {}
 
     def work() -> None:
         try:
             outcome["run"] = runner.run()
         except WorkbenchError as exc:
-            outcome["error"] = str(exc)
+            outcome["error"] = gate_message(exc)
         except Exception as exc:  # never a stack trace in the page: one line, and the app stays up
             outcome["error"] = f"{type(exc).__name__}: {exc}"
 
@@ -111,7 +147,6 @@ def run_preset(yaml_text: str, budget_gb: float | None, session: dict):
             status = "running"
         table = pd.DataFrame([{"variant": k, "phase": p, "detail": m} for k, (p, m) in progress.items()])
         yield [status, table] + empty
-    session.pop("runner", None)
     if "error" in outcome:
         yield [f"**Run failed:** {outcome['error']}", None] + empty
         return
@@ -139,23 +174,32 @@ def _count(n: float) -> str:
 def plan_preset_markdown(yaml_text: str, budget_gb: float | None) -> str:
     """Estimated weights, peak memory and time of every variant, from the model config alone (planner.py)."""
     from workbench.planner import plan_markdown, plan_preset_file
-    from workbench.presets import parse_preset
 
     try:
-        preset = parse_preset(yaml.safe_load(yaml_text or ""), "preset")
-        check_model_allowed(preset.model, limits())
+        preset = gated_preset(yaml_text)  # the Plan button reads nothing the Run button would refuse
         plans, context = plan_preset_file(preset, emit=lambda _m: None)
     except (WorkbenchError, yaml.YAMLError) as exc:
-        return f"**Cannot plan:** {exc}"
+        return f"**Cannot plan:** {gate_message(exc)}"
     return plan_markdown(preset, plans, context, budget_gb or preset.memory_budget_gb)
 
 
 def cancel_run(session: dict) -> str:
-    runner = session.get("runner")
+    runner, ticket = session.get("runner"), session.get("ticket")
+    if runner is None and ticket is not None:
+        ticket.cancelled.set()
+        return "cancelled: your run leaves the queue"
     if runner is None:
         return "nothing is running"
     runner.cancel()
     return "cancelling: the variant in flight stops, the rest are recorded as cancelled"
+
+
+def end_session(session: dict) -> None:
+    """The visitor left: their queued or running run is cancelled (chat workers are closed by chat.close_workers)."""
+    if session.get("ticket") is not None:
+        session["ticket"].cancelled.set()
+    if session.get("runner") is not None:
+        session["runner"].cancel()
 
 
 def _importable_methods() -> tuple[list[str], dict[str, str]]:
@@ -216,14 +260,12 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
         return (path if path.is_file() else saved).read_text() if (path.is_file() or saved.is_file()) else ""
 
     def save_preset(name: str, text: str) -> str:
-        from workbench.presets import parse_preset
-
-        if not name or not name.replace("-", "").replace("_", "").isalnum():
-            return "**Cannot save:** give a name of letters, digits, '-' or '_'"
+        if not name or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+            return "**Cannot save:** give a name of at most 64 letters, digits, '-' or '_'"
         try:
-            parse_preset(yaml.safe_load(text), name)
+            gated_preset(text)  # a saved preset is one this app would run
         except (WorkbenchError, yaml.YAMLError) as exc:
-            return f"**Cannot save:** {exc}"
+            return f"**Cannot save:** {gate_message(exc)}"
         folder = workbench_home() / "presets"
         folder.mkdir(exist_ok=True)
         (folder / f"{name}.yaml").write_text(text)
@@ -232,8 +274,9 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
     preset_pick.change(load_preset_text, preset_pick, yaml_box)
     from_form.click(lambda m, ms, t, *v: preset_from_form(m, ms, t, fields, list(v)), [model, methods, threads, *inputs],
                     yaml_box)
-    save.click(save_preset, [save_name, yaml_box], status)
+    save.click(save_preset, [save_name, yaml_box], status, api_name="save_preset")
+    # Many calls may wait at once: the run queue (runqueue.py) orders them and shows each its place.
     run.click(run_preset, [yaml_box, budget, session], [status, progress, results, *plots, current_run],
-              api_name="run_preset")
+              api_name="run_preset", concurrency_limit=None)
     cancel.click(cancel_run, session, status)
-    plan_button.click(plan_preset_markdown, [yaml_box, budget], plan_box)
+    plan_button.click(plan_preset_markdown, [yaml_box, budget], plan_box, api_name="plan_preset")

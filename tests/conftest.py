@@ -101,3 +101,11 @@ def tiny_smol_dir(tmp_path_factory: pytest.TempPathFactory, bundled_source) -> P
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that need the bundled model (converted once, then minutes of work on it) belong to the slow set, so
+    `pytest -m "not slow"` is a quick loop; CI runs everything."""
+    for item in items:
+        if {"bundled_source", "tiny_smol_dir"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -25,6 +25,7 @@ class Arch:
     adds_bos: bool
     config: Callable[[int, dict[str, int]], Any]  # (vocab size, special token ids) -> a transformers config
     tokenizer_class: str = "PreTrainedTokenizerFast"
+    extra_special: tuple[str, ...] = ()  # special tokens the architecture's llama.cpp vocabulary loader looks up
 
 
 def _llama(vocab: int, special: dict[str, int]) -> Any:
@@ -74,12 +75,15 @@ ARCHS = {arch.name: arch for arch in (
     Arch("gemma3", True, _gemma3),
     Arch("qwen2", False, _qwen2),
     Arch("qwen3", False, _qwen3),
-    Arch("phi3", True, _phi3, tokenizer_class="GPT2Tokenizer"),  # the converter's Phi-3 path takes BPE only so
+    # The converter's Phi-3 path reads a BPE vocabulary only when the tokenizer class says GPT2Tokenizer, and
+    # llama.cpp's Phi-3 vocabulary loader looks up Phi-3's chat tokens.
+    Arch("phi3", True, _phi3, tokenizer_class="GPT2Tokenizer",
+         extra_special=("<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>")),
     Arch("gpt2", False, _gpt2),
 )}
 
 
-def trained_tokenizer(adds_bos: bool) -> Any:
+def trained_tokenizer(adds_bos: bool, extra_special: tuple[str, ...] = ()) -> Any:
     """A 512-token byte-level BPE trained on the calibration text (never the eval text)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -94,14 +98,17 @@ def trained_tokenizer(adds_bos: bool) -> Any:
     tokenizer.train_from_iterator([pydoc_calibration_text()[:60_000]], trainer)
     if adds_bos:
         tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    result = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    if extra_special:
+        result.add_special_tokens({"additional_special_tokens": list(extra_special)})
+    return result
 
 
 def build_hf_folder(arch: Arch, folder: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    tokenizer = trained_tokenizer(arch.adds_bos)
+    tokenizer = trained_tokenizer(arch.adds_bos, arch.extra_special)
     special = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<unk>", "<s>", "</s>")}
     config = arch.config(len(tokenizer), special)
     torch.manual_seed(0)

@@ -22,8 +22,8 @@ PROTOCOL = {"device": "cpu", "threads": 2,
             "latency": {"prompt_tokens": 8, "new_tokens": 2, "warmup": 0, "repeats": 1, "target_ci": None,
                         "interleave": False},
             "samples": {"prompts": ["What is a list?"], "new_tokens": 2}}
-# Architectures whose tiny GGUF file llama.cpp and transformers both load (see test_phi3_gguf_is_refused).
-GGUF_ARCHS = ["llama", "gemma3", "qwen3", "gpt2"]
+# qwen2 is left out: the converter's vocabulary check rejects this tiny config; qwen3 covers the family.
+ARCH_NAMES = [name for name in ARCHS if name != "qwen2"]
 
 
 class BuiltModels:
@@ -64,12 +64,11 @@ def _check_fp32_against_plain_transformers(run: dict, folder: Path, bos_expected
     assert fp32["metrics"]["perplexity"] == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("name", [n for n in ARCHS if n != "qwen2"])  # qwen2: the converter rejects this tiny config
+@pytest.mark.parametrize("name", ARCH_NAMES)
 def test_hf_folder(name: str, models, tmp_path: Path) -> None:
     folder, gguf = models[name]
-    variants = [{"name": "fp32", "method": "fp32"}, {"name": "int8", "method": "bnb-int8"}]
-    if name in GGUF_ARCHS:
-        variants.append({"name": "gguf", "method": "gguf-file", "options": {"path": str(gguf)}})
+    variants = [{"name": "fp32", "method": "fp32"}, {"name": "int8", "method": "bnb-int8"},
+                {"name": "gguf", "method": "gguf-file", "options": {"path": str(gguf)}}]
     run = _run(str(folder), variants, tmp_path / f"{name}-hf")
     records = {r["name"]: r for r in run["variants"]}
     assert all(r["status"] == "ok" for r in records.values()), {n: r["error"] for n, r in records.items()}
@@ -77,14 +76,13 @@ def test_hf_folder(name: str, models, tmp_path: Path) -> None:
     # Random weights do not predict the text: the baseline is flagged, never plainly ok.
     assert [f["code"] for f in records["fp32"]["flags"]] == ["implausible_perplexity"]
     assert records["int8"]["metrics"]["kld_mean"] is not None
-    if name in GGUF_ARCHS:
-        gguf_record = records["gguf"]
-        assert gguf_record["tokenizer_agreement"]["matching_fraction"] == 1.0
-        assert gguf_record["metrics"]["perplexity"] == pytest.approx(records["fp32"]["metrics"]["perplexity"], rel=2e-2)
-        assert gguf_record["metrics"]["kld_mean"] < 0.01
+    gguf_record = records["gguf"]
+    assert gguf_record["tokenizer_agreement"]["matching_fraction"] == 1.0
+    assert gguf_record["metrics"]["perplexity"] == pytest.approx(records["fp32"]["metrics"]["perplexity"], rel=2e-2)
+    assert gguf_record["metrics"]["kld_mean"] < 0.01
 
 
-@pytest.mark.parametrize("name", GGUF_ARCHS)
+@pytest.mark.parametrize("name", ARCH_NAMES)
 def test_gguf_file(name: str, models, tmp_path: Path) -> None:
     folder, gguf = models[name]
     run = _run(str(gguf), [{"name": "fp32", "method": "fp32"}, {"name": "int8", "method": "bnb-int8"},
@@ -98,11 +96,3 @@ def test_gguf_file(name: str, models, tmp_path: Path) -> None:
     # The GGUF variant of a GGUF source is re-quantized from the file itself, keeping its tokenizer and metadata.
     assert "copy of the source GGUF file" in records["q8"]["build"][-1]["report"]["intermediate"]
     assert records["q8"]["metrics"]["perplexity"] == pytest.approx(records["fp32"]["metrics"]["perplexity"], rel=2e-2)
-
-
-def test_phi3_gguf_is_refused_with_the_reason(models, tmp_path: Path) -> None:
-    _folder, gguf = models["phi3"]
-    from workbench.errors import WorkbenchError
-
-    with pytest.raises(WorkbenchError, match="llama.cpp could not tokenize the eval text"):
-        _run(str(gguf), [{"name": "fp32", "method": "fp32"}], tmp_path / "phi3-gguf")

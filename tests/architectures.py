@@ -49,11 +49,16 @@ def _qwen2(vocab: int, special: dict[str, int]) -> Any:
                        tie_word_embeddings=True)
 
 
-def _qwen3(vocab: int, special: dict[str, int]) -> Any:
+def _qwen3(vocab: int, special: dict[str, int], head_dim: int = 128) -> Any:
+    """head_dim stays at transformers' default: its GGUF conversion does not read the file's key_length."""
     from transformers import Qwen3Config
 
-    return Qwen3Config(vocab_size=vocab, **SMALL, head_dim=16, bos_token_id=special["</s>"],
+    return Qwen3Config(vocab_size=vocab, **SMALL, head_dim=head_dim, bos_token_id=special["</s>"],
                        eos_token_id=special["</s>"], tie_word_embeddings=True)
+
+
+def _qwen3_head16(vocab: int, special: dict[str, int]) -> Any:
+    return _qwen3(vocab, special, head_dim=16)
 
 
 def _phi3(vocab: int, special: dict[str, int]) -> Any:
@@ -66,7 +71,8 @@ def _phi3(vocab: int, special: dict[str, int]) -> Any:
 def _gpt2(vocab: int, special: dict[str, int]) -> Any:
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=512, n_ctx=512,
+    # n_positions at transformers' default: its GGUF conversion does not read the file's context_length for GPT-2.
+    return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=1024, n_ctx=1024,
                       bos_token_id=special["</s>"], eos_token_id=special["</s>"])
 
 
@@ -80,6 +86,7 @@ ARCHS = {arch.name: arch for arch in (
     Arch("phi3", True, _phi3, tokenizer_class="GPT2Tokenizer",
          extra_special=("<|endoftext|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>")),
     Arch("gpt2", False, _gpt2),
+    Arch("qwen3-head16", False, _qwen3_head16),  # a GGUF transformers converts with the wrong head_dim
 )}
 
 
@@ -141,15 +148,20 @@ def write_gguf(folder: Path, outfile: Path) -> Path:
     return outfile
 
 
-def plain_perplexity(folder: Path, ids: list[int], context: int, bos_id: int | None) -> float:
+def plain_perplexity(model_path: Path, ids: list[int], context: int, bos_id: int | None) -> float:
     """Independent of the workbench: non-overlapping windows, BOS replacing each window's first token when given,
-    every later position scored with log_softmax of plain transformers logits."""
+    every later position scored with log_softmax of plain transformers logits. `model_path`: an HF folder, or a
+    .gguf file loaded by transformers itself (`gguf_file=`)."""
     import math
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    if model_path.suffix == ".gguf":
+        model = AutoModelForCausalLM.from_pretrained(model_path.parent, gguf_file=model_path.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model.eval()
     nll, count = 0.0, 0
     for start in range(0, len(ids) - 1, context):
         window = list(ids[start : start + context])

@@ -23,7 +23,7 @@ PROTOCOL = {"device": "cpu", "threads": 2,
                         "interleave": False},
             "samples": {"prompts": ["What is a list?"], "new_tokens": 2}}
 # qwen2 is left out: the converter's vocabulary check rejects this tiny config; qwen3 covers the family.
-ARCH_NAMES = [name for name in ARCHS if name != "qwen2"]
+ARCH_NAMES = ["llama", "gemma3", "qwen3", "phi3", "gpt2"]
 
 
 class BuiltModels:
@@ -52,14 +52,15 @@ def _run(model: str, variants: list[dict], out: Path) -> dict:
     return Runner(load_preset(preset), out_dir=out).run()
 
 
-def _check_fp32_against_plain_transformers(run: dict, folder: Path, bos_expected: bool) -> None:
+def _check_fp32_against_plain_transformers(run: dict, folder: Path, bos_expected: bool, model_path: Path) -> None:
+    """`model_path`: what the run measured (the folder, or the GGUF file, whose weights are F16-rounded)."""
     protocol = run["protocol"]
     assert protocol["bos"] is bos_expected, protocol["bos_detail"]
     ids = json.loads((Path(run["out_dir"]) / "eval_tokens.json").read_text())
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    expected = plain_perplexity(folder, ids, 128, tokenizer.bos_token_id if bos_expected else None)
+    expected = plain_perplexity(model_path, ids, 128, tokenizer.bos_token_id if bos_expected else None)
     fp32 = next(r for r in run["variants"] if r["name"] == "fp32")
     assert fp32["metrics"]["perplexity"] == pytest.approx(expected, rel=1e-4)
 
@@ -72,7 +73,7 @@ def test_hf_folder(name: str, models, tmp_path: Path) -> None:
     run = _run(str(folder), variants, tmp_path / f"{name}-hf")
     records = {r["name"]: r for r in run["variants"]}
     assert all(r["status"] == "ok" for r in records.values()), {n: r["error"] for n, r in records.items()}
-    _check_fp32_against_plain_transformers(run, folder, ARCHS[name].adds_bos)
+    _check_fp32_against_plain_transformers(run, folder, ARCHS[name].adds_bos, folder)
     # Random weights do not predict the text: the baseline is flagged, never plainly ok.
     assert [f["code"] for f in records["fp32"]["flags"]] == ["implausible_perplexity"]
     assert records["int8"]["metrics"]["kld_mean"] is not None
@@ -92,7 +93,17 @@ def test_gguf_file(name: str, models, tmp_path: Path) -> None:
     assert run["protocol"]["tokenizer_agreement"]["matching_fraction"] >= 0.99
     assert run["protocol"]["bos"] is ARCHS[name].adds_bos
     assert "tokenizer.ggml.add_bos_token" in run["protocol"]["bos_detail"]  # the file's own metadata decided
-    _check_fp32_against_plain_transformers(run, folder, ARCHS[name].adds_bos)
+    _check_fp32_against_plain_transformers(run, folder, ARCHS[name].adds_bos, gguf)
     # The GGUF variant of a GGUF source is re-quantized from the file itself, keeping its tokenizer and metadata.
     assert "copy of the source GGUF file" in records["q8"]["build"][-1]["report"]["intermediate"]
     assert records["q8"]["metrics"]["perplexity"] == pytest.approx(records["fp32"]["metrics"]["perplexity"], rel=2e-2)
+
+
+def test_gguf_that_transformers_converts_with_the_wrong_shapes_is_refused(models, tmp_path: Path) -> None:
+    """transformers' GGUF conversion ignores Qwen 3's key_length, so a head_dim other than its default comes back
+    wrong and those weights would be re-initialised: refused before any variant, with the tensors named."""
+    from workbench.errors import WorkbenchError
+
+    _folder, gguf = models["qwen3-head16"]
+    with pytest.raises(WorkbenchError, match=r"12 weights do not have the shapes its config implies .*k_norm"):
+        _run(str(gguf), [{"name": "fp32", "method": "fp32"}], tmp_path / "qwen3-head16")

@@ -112,10 +112,21 @@ def check_weights(hf_dir: Path, spec: str, trust_remote_code: bool) -> dict[str,
     import torch
     from transformers import AutoModelForCausalLM
 
+    # ignore_mismatched_sizes: a mismatch is reported (and refused below with the tensors named) instead of raising
+    # transformers' generic "see the report above".
     model, info = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, output_loading_info=True,
-                                                       trust_remote_code=trust_remote_code)
+                                                       ignore_mismatched_sizes=True, trust_remote_code=trust_remote_code)
     missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
     del model
+    if mismatched:
+        name, checkpoint_shape, model_shape = mismatched[0][:3]
+        raise SourceError(
+            f"{spec}: {len(mismatched)} weights do not have the shapes its config implies (e.g. {name}: "
+            f"{tuple(checkpoint_shape)} in the checkpoint, {tuple(model_shape)} from the config); the config and "
+            "the weights disagree (for a .gguf file: transformers' conversion lost a setting such as head_dim), so "
+            "transformers would initialise those weights at random"
+        )
     if missing:
         head = [name for name in missing if any(part in name for part in ("lm_head", "cls.", "predictions", "output"))]
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
@@ -124,7 +135,7 @@ def check_weights(hf_dir: Path, spec: str, trust_remote_code: bool) -> dict[str,
             f"{spec}: {what}: {len(missing)} weights the causal-LM class needs are not in the checkpoint ({shown}); "
             "transformers would initialise them at random, so no figure of this model would mean anything"
         )
-    return {"missing_keys": 0, "unexpected_keys": len(info.get("unexpected_keys") or [])}
+    return {"missing_keys": 0, "mismatched_keys": 0, "unexpected_keys": len(info.get("unexpected_keys") or [])}
 
 
 def gguf_tokenizer_agreement(gguf_file: Path, text: str, ids: Sequence[int]) -> dict[str, Any]:

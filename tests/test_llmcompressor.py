@@ -108,16 +108,16 @@ def test_group_size_that_does_not_divide_names_the_valid_sizes() -> None:
     check_group_size(widths, None)
 
 
-def test_group_size_error_fails_the_variant_with_its_reason(write_preset, tmp_path, capsys) -> None:
+def test_group_size_error_is_refused_before_anything_runs(write_preset, tmp_path, capsys) -> None:
+    """The widths come from the model's config, so a group size that cannot work is refused at preset check."""
     preset = write_preset([{"name": "fp32", "method": "fp32"},
                            {"name": "gptq", "method": "gptq", "options": {"group_size": 256,
                                                                          "calibration": {"samples": 2, "seq_len": 32}}}])
-    assert main(["run", str(preset), "--out", str(tmp_path / "run")]) == 1
-    run = json.loads((tmp_path / "run" / "results.json").read_text())
-    failed = _record(run, "gptq")
-    assert failed["status"] == "failed" and "group_size 256 does not divide the input width 64" in failed["error"]
-    assert "valid group sizes for this model: 16, 32, 64" in failed["error"]
-    assert _record(run, "fp32")["status"] == "ok"
+    assert main(["run", str(preset), "--out", str(tmp_path / "run")]) == 2
+    error = capsys.readouterr().err
+    assert "group_size 256 does not divide the input width 64" in error
+    assert "valid group sizes for this model: 16, 32, 64" in error
+    assert not (tmp_path / "run" / "results.json").exists()  # nothing was prepared or built
 
 
 def test_calibration_too_short_for_the_samples_is_refused(tiny_model_dir) -> None:
@@ -215,4 +215,5 @@ def test_a_gguf_only_source_says_which_method_can_take_it(tmp_path) -> None:
     with pytest.raises(SourceError) as caught:
         resolve_source(str(path))
     message = str(caught.value)
-    assert "can be run only by the gguf-file method" in message and "gptq" in message and "magnitude" in message
+    assert "llama.cpp can still run it" in message and "gguf-file" in message
+    assert "gptq" in message and "magnitude" in message

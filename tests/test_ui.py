@@ -65,7 +65,11 @@ def test_api_runs_a_preset_and_streams_chat(app_url, tiny_model_dir) -> None:
     updates = list(job)
     status, progress, results = job.outputs()[-1][:3]
     assert len(updates) >= 2 and "(ok)" in status
-    assert [row[0] for row in results["data"]] == ["fp32", "bf16"] and {row[2] for row in results["data"]} == {"ok"}
+    assert [row[0] for row in results["data"]] == ["fp32", "bf16"]
+    # The tiny model's weights are random: its baseline perplexity is worse than the text's unigram perplexity, so
+    # the table shows that row as flagged (validity.py), never as plain ok, and the note says why.
+    assert [row[2] for row in results["data"]] == ["flagged", "ok"]
+    assert "**fp32** flagged: baseline perplexity" in status
     run_id = status.split("`")[1]
 
     chat = client.submit(run_id, ["fp32", "bf16"], "What is a list?", api_name="/chat")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+
+from tests.requirements import require
 import torch
 
 from workbench.errors import PresetError, WorkbenchError
@@ -249,7 +251,7 @@ def test_method_keeps_its_promise(case: Case, request: pytest.FixtureRequest, tm
     from transformers import AutoModelForCausalLM
 
     if case.requires:
-        pytest.importorskip(case.requires)
+        require(case.requires)
     source = request.getfixturevalue(case.model)
     folder = build(case.method, source, tmp_path / "artifact", case.options)
     assert not list(folder.rglob("*.bin")) and not list(folder.rglob("*.pt"))  # safetensors only, never pickle

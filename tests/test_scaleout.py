@@ -12,12 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.requirements import require
+
 from workbench.cli import main
 from workbench.presets import load_preset
 from workbench.runner import Runner
 from workbench.store import History
 
-ray = pytest.importorskip("ray")
+ray = require("ray")
 
 QUALITY = ("perplexity", "kld_mean", "kld_p99", "top1_agreement", "delta_p_mean", "sparsity", "weight_bytes", "disk_bytes")
 PRESET_A = [{"name": "fp32", "method": "fp32"}, {"name": "int8", "method": "bnb-int8"}]

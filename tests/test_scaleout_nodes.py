@@ -11,7 +11,9 @@ from collections import defaultdict
 
 import pytest
 
-ray = pytest.importorskip("ray")
+from tests.requirements import require
+
+ray = require("ray")
 
 TIMED = "tests.worker_targets:timed_window"
 STEP_S = 5.0  # long against the seconds a spawned worker takes to start, so unrestricted steps would overlap

@@ -7,14 +7,19 @@ file that is mostly Q5_0. Every GGUF variant records this so no one is misled.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.paths import workbench_home
 
 GGUF_MAGIC = b"GGUF"
 GGUF_NAME = "model.gguf"  # the file inside a GGUF artifact folder
+SUMMARY_VERSION = 1  # part of the summary cache key: bump when _read_summary changes
 
 
 def check_gguf_file(path: Path) -> None:
@@ -37,6 +42,11 @@ def check_gguf_file(path: Path) -> None:
 
 def check_gguf_readable(path: Path) -> None:
     """check_gguf_file, then the whole header and tensor table read, so a truncated file is named as such."""
+    _open_reader(path)
+
+
+def _open_reader(path: Path) -> Any:
+    """A GGUFReader of a file that passed check_gguf_file and whose tensors all lie within the file."""
     import gguf
 
     check_gguf_file(path)
@@ -50,6 +60,7 @@ def check_gguf_readable(path: Path) -> None:
     if end > size:
         raise WorkbenchError(f"{path} is a damaged GGUF file: {_size(size)}, but its tensors need {_size(end)} "
                              "(truncated)")
+    return reader
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -65,11 +76,31 @@ def _size(size: int) -> str:
 
 
 def gguf_summary(path: Path) -> dict[str, Any]:
-    """{'tensor_types': {type: count}, 'bits_per_weight': float, 'architecture': str, 'tensors': int, ...}."""
-    import gguf
+    """{'tensor_types': {type: count}, 'bits_per_weight': float, 'architecture': str, 'tensors': int, ...}.
 
-    check_gguf_readable(path)
-    reader = gguf.GGUFReader(path)
+    Reading the metadata with GGUFReader takes seconds for a 49k-token vocabulary (it builds a view per
+    array element), and every load of a llama.cpp variant needs the summary, so it is kept under
+    `$WORKBENCH_HOME/gguf-summaries`, keyed by the file's resolved path, size and modification time:
+    a rewritten or truncated file is read again.
+    """
+    path = Path(path)
+    check_gguf_file(path)
+    stat = path.stat()
+    key = hashlib.sha256(f"{SUMMARY_VERSION}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    cached = workbench_home() / "gguf-summaries" / f"{key}.json"
+    try:
+        return json.loads(cached.read_text())
+    except (OSError, ValueError):
+        pass
+    summary = _read_summary(_open_reader(path))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(summary))
+    os.replace(partial, cached)  # atomic: a concurrent reader sees the old state or the whole file
+    return summary
+
+
+def _read_summary(reader: Any) -> dict[str, Any]:
     types = Counter(tensor.tensor_type.name for tensor in reader.tensors)
     elements = sum(int(tensor.n_elements) for tensor in reader.tensors)
     tensor_bytes = sum(int(tensor.n_bytes) for tensor in reader.tensors)

@@ -77,43 +77,54 @@ def kld_stats(base_logp: torch.Tensor, var_logp: torch.Tensor, targets: torch.Te
     return {"kld": kld, "agree": agree, "delta_p": delta_p}
 
 
-def _renormalize(stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rounded log-probs shifted to sum to probability 1 (float64), and the shift c = logsumexp of the row.
+def _half_spacing(x: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(FP16_UNIT_ROUNDOFF * x.abs(), min=FP16_SUBNORMAL_HALF_SPACING)
 
-    Without this, each row's rounding errors add a first-order term sum(p * error) ~ 1e-4 to every KLD,
-    which swamps near-lossless variants' KLD tails (measured with bench/fidelity.py); after it, the
-    first-order term is weighted by (p - q) or (log p - log q), both small when the variant is close.
+
+def fp16_block_divergence(stored_base_logp: np.ndarray, stored_var_logp: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per position: KL(base || variant) from float16-rounded log-probs, and how far it can be from the exact one.
+
+    Both sides are rounded to float16 and renormalized to sum to probability 1 (float64): without that,
+    each row's rounding errors add a first-order term sum(p * error) ~ 1e-4 to every KLD, which swamps
+    near-lossless variants' KLD tails (measured with bench/fidelity.py); after it, the first-order term is
+    weighted by (p - q) or (log p - log q), both small when the variant is close. A variant that
+    reproduces the baseline exactly still gets KLD 0.
+
+    The bound: with r = fl16(l) the rounded value, |l - r| <= max(2^-11 |r|, 2^-25); renormalizing
+    subtracts c = logsumexp(r) (the exact row has logsumexp 0), so the renormalized s = r - c is within
+    e := max(2^-11 |r|, 2^-25) + |c| of l; likewise h for the variant's t. Each KLD term is e^x (x - y).
+    Moving x from s to l: by the mean value theorem the term moves at most e * e^(s+e) (|s - t + 1| + e + h);
+    moving y from t to m: at most e^s h. The bound is the sum of both over the vocabulary.
+
+    One pass of float64 torch ops over the block (each exponential computed once), since this runs on
+    every scored token of every variant against a vocabulary of tens of thousands.
     """
-    x = stored.astype(np.float64)
-    top = np.max(np.where(np.isfinite(x), x, -np.inf), axis=-1, keepdims=True)
-    c = top + np.log(np.exp(x - top).sum(-1, keepdims=True))
-    return x - c, c
-
-
-def _half_spacing(x: np.ndarray) -> np.ndarray:
-    return np.maximum(FP16_UNIT_ROUNDOFF * np.abs(x), FP16_SUBNORMAL_HALF_SPACING)
-
-
-def fp16_kld_bound(stored_base_logp: np.ndarray, stored_var_logp: np.ndarray) -> np.ndarray:
-    """Per position, the most KL(base || variant) from float16-rounded log-probs can differ from the exact one.
-
-    Both sides are rounded to float16 and renormalized (`_renormalize`) before the KLD, so a variant that
-    reproduces the baseline exactly still gets KLD 0. With r = fl16(l) the rounded value,
-    |l - r| <= max(2^-11 |r|, 2^-25); renormalizing subtracts c = logsumexp(r) (the exact row has
-    logsumexp 0), so the renormalized s = r - c is within e := max(2^-11 |r|, 2^-25) + |c| of l; likewise
-    h for the variant's t. Each KLD term is e^x (x - y). Moving x from s to l: by the mean value theorem
-    the term moves at most e * e^(s+e) (|s - t + 1| + e + h); moving y from t to m: at most e^s h.
-    The bound is the sum of both over the vocabulary.
-    """
-    r, q = stored_base_logp.astype(np.float64), stored_var_logp.astype(np.float64)
-    s, c_s = _renormalize(stored_base_logp)
-    t, c_t = _renormalize(stored_var_logp)
-    finite = np.isfinite(s)  # -inf: the exact value was below -65504, a probability of 0 in float64 too
-    s0, r0 = np.where(finite, s, 0.0), np.where(finite, r, 0.0)
-    eps = np.where(finite, _half_spacing(r0) + np.abs(c_s), 0.0)
-    eta = _half_spacing(q) + np.abs(c_t)
-    terms = eps * np.exp(s0 + eps) * (np.abs(s0 - t + 1.0) + eps + eta) + np.exp(s0) * eta
-    return np.where(finite, terms, 0.0).sum(-1)
+    r = torch.from_numpy(stored_base_logp.astype(np.float64))  # numpy's float16 -> float64 is the faster one
+    q = torch.from_numpy(stored_var_logp.astype(np.float64))
+    c_s = torch.logsumexp(r, -1, keepdim=True)
+    c_t = torch.logsumexp(q, -1, keepdim=True)
+    s, t = r - c_s, q - c_t
+    # A float64 sum of float16 values cannot overflow, so it is finite exactly when every value is.
+    if bool(torch.isfinite(r.sum())) and bool(torch.isfinite(q.sum())):
+        # The usual case (no -inf log-prob on either side): the same formulas without the masks, in place.
+        p = s.exp()
+        d = s.sub_(t)  # s - t; s is not needed after this
+        kld = (p * d).sum(-1)
+        eps = r.abs_().mul_(FP16_UNIT_ROUNDOFF).clamp_(min=FP16_SUBNORMAL_HALF_SPACING).add_(c_s.abs())
+        eta = q.abs_().mul_(FP16_UNIT_ROUNDOFF).clamp_(min=FP16_SUBNORMAL_HALF_SPACING).add_(c_t.abs())
+        w = d.add_(1.0).abs_().add_(eps).add_(eta).mul_(eps).mul_(eps.exp_()).add_(eta)
+        return kld.numpy(), w.mul_(p).sum(-1).numpy()
+    finite = torch.isfinite(s)  # -inf: the exact value was below -65504, a probability of 0 in float64 too
+    p = s.exp()  # exactly 0 where s is -inf
+    zero = torch.zeros((), dtype=torch.float64)
+    kld = torch.where(p > 0, p * (s - t), zero).sum(-1)
+    s0 = torch.where(finite, s, zero)
+    eps = torch.where(finite, _half_spacing(torch.where(finite, r, zero)) + c_s.abs(), zero)
+    eta = _half_spacing(q) + c_t.abs()
+    exp_s0 = torch.where(finite, p, torch.ones((), dtype=torch.float64))
+    terms = eps * exp_s0 * eps.exp() * ((s0 - t + 1.0).abs() + eps + eta) + exp_s0 * eta
+    bound = torch.where(finite, terms, zero).sum(-1)
+    return kld.numpy(), bound.numpy()
 
 
 def percentile(values: np.ndarray, fraction: float) -> float:
@@ -272,10 +283,9 @@ def evaluate_quality(
                 # The variant's log-probs are rounded to the storage precision too: identical models give KLD 0.
                 var_stored = logp[first:last].numpy().astype(stored.dtype)
                 if stored.dtype == np.float16:
-                    kld_parts.append(kld_stats(torch.from_numpy(_renormalize(stored)[0]),
-                                               torch.from_numpy(_renormalize(var_stored)[0]),
-                                               targets[first:last])["kld"].numpy())
-                    bound_parts.append(fp16_kld_bound(stored, var_stored))
+                    kld, bound = fp16_block_divergence(stored, var_stored)
+                    kld_parts.append(kld)
+                    bound_parts.append(bound)
                 else:
                     kld_parts.append(kld_stats(torch.from_numpy(stored), torch.from_numpy(var_stored),
                                                targets[first:last])["kld"].numpy())

@@ -41,11 +41,6 @@ def block(type_name: str) -> tuple[int, int]:
     return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
 
 
-def nominal_bpw(type_name: str) -> float:
-    size, nbytes = block(type_name)
-    return nbytes * 8 / size
-
-
 def tensor_bytes(type_name: str, n_elements: int) -> int:
     size, nbytes = block(type_name)
     return n_elements // size * nbytes

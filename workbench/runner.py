@@ -288,7 +288,8 @@ class Runner:
         result["most_sensitive"] = keep
         stages = target["stages"]
         if len(stages) == 1 and "skip_modules" in get_method(stages[0]["method"]).Options.model_fields:
-            # transformers reads skip patterns as regexes anchored at the module name; keep lm_head unquantized as before.
+            # transformers reads skip patterns as regexes anchored at the module name; lm_head joins them because an
+            # explicit list replaces transformers' default one, which skips the head.
             patterns = [re.escape(name) + r"\." for name in keep] + ["lm_head"]
             result["mixed_precision_variant"] = {"name": f"{spec.variant}-keep{spec.keep}", "method": stages[0]["method"],
                                                  "options": {**stages[0]["options"], "skip_modules": patterns}}

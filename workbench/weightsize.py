@@ -116,7 +116,7 @@ def estimate_weights(shape: ModelShape, stages: list[dict[str, Any]], gguf_files
         notes.append("zeros stored densely: same bytes as the dense model")
         return result(dense, f"{method} ({rest}, dense zeros)", rest)
     if method == "kmeans":  # its loader rebuilds dense float32 weights from codebook[indices]
-        notes.append("codebook + uint8 indices on disk; rebuilt as dense float32 when loaded")
+        notes.append("codebook + packed ceil(log2 k)-bit indices on disk; rebuilt as dense float32 when loaded")
         return result(shape.params() * 4, "kmeans (float32 when loaded)", "float32")
     if method == "lowrank":
         return result(_lowrank_bytes(shape, rest, options, notes), f"lowrank ({rest})", rest)

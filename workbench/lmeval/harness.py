@@ -11,12 +11,6 @@ import os
 from typing import Any
 
 
-def available_tasks() -> list[str]:
-    from workbench.lmeval.tasks import local_task_configs
-
-    return sorted(local_task_configs())
-
-
 def task_specs(names: list[str]) -> list[Any]:
     """Local task configs for local names; other names pass through for lm-eval to resolve (hub tasks)."""
     from workbench.lmeval.tasks import local_task_configs

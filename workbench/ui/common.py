@@ -88,7 +88,7 @@ def display_table(run: dict[str, Any], budget_gb: float | None = None):
 
 
 def figures(run: dict[str, Any] | None, budget_gb: float | None = None) -> list[Any]:
-    """The five comparison charts (empty ones before a run); variants over budget are greyed in the size chart."""
+    """One comparison chart per entry of plots.CHARTS (empty ones before a run); variants over budget are greyed in the size chart."""
     import plotly.graph_objects as go
 
     from workbench.plots import CHARTS

@@ -255,9 +255,8 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
     plots = [gr.Plot(label=label) for label in CHART_LABELS]
 
     def load_preset_text(name: str) -> str:
-        path = PRESETS_DIR / f"{name}.yaml"
-        saved = workbench_home() / "presets" / f"{name}.yaml"
-        return (path if path.is_file() else saved).read_text() if (path.is_file() or saved.is_file()) else ""
+        path = PRESETS_DIR / f"{name}.yaml"  # the picker lists presets/ only (preset_names)
+        return path.read_text() if path.is_file() else ""
 
     def save_preset(name: str, text: str) -> str:
         if not name or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:

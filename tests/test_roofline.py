@@ -43,17 +43,18 @@ def test_bytes_per_token_skips_an_untied_embedding_but_not_a_tied_one() -> None:
 
 
 def test_weights_read_sees_tied_and_untied_embeddings() -> None:
+    from pathlib import Path
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    class Holder:  # what weights_read needs of a torch variant: its model
-        def __init__(self, model):
-            self.model = model
+    from workbench.runtimes.torch import TorchVariant
 
     for tied in (False, True):
         config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                              num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
-        read = weights_read(Holder(LlamaForCausalLM(config).to(torch.float32)))
+        model = LlamaForCausalLM(config).to(torch.float32)
+        read = weights_read(TorchVariant("x", model, None, Path("."), "cpu"))
         assert read == {"embedding_bytes": 100 * 16 * 4, "embedding_rows": 100, "tied": tied}
 
 

@@ -234,26 +234,11 @@ def calibration_note(profile: dict[str, Any]) -> str:
 
 
 def weights_read(variant: Any) -> dict[str, Any] | None:
-    """{'embedding_bytes', 'embedding_rows', 'tied'} of a loaded variant (torch or llama.cpp), or None."""
+    """{'embedding_bytes', 'embedding_rows', 'tied'} of a loaded variant (Variant.weights_read), or None."""
     try:
-        return _weights_read(variant)
+        return variant.weights_read()
     except Exception:  # a detail for the roofline: never a reason for a measurement to fail
         return None
-
-
-def _weights_read(variant: Any) -> dict[str, Any] | None:
-    model = getattr(variant, "model", None)
-    if model is not None and hasattr(model, "get_input_embeddings"):
-        embedding = model.get_input_embeddings().weight
-        output = model.get_output_embeddings()
-        tied = output is not None and getattr(output, "weight", None) is not None \
-            and output.weight.data_ptr() == embedding.data_ptr()
-        return {"embedding_bytes": embedding.numel() * embedding.element_size(), "embedding_rows": embedding.shape[0],
-                "tied": bool(tied)}
-    path = getattr(variant, "artifact_path", None)
-    if path is not None and (Path(path) / "model.gguf").exists():
-        return gguf_weights_read(Path(path) / "model.gguf")
-    return None
 
 
 def gguf_weights_read(path: Path) -> dict[str, Any]:

@@ -16,12 +16,13 @@ import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from workbench.environment import environment
 from workbench.errors import WorkbenchError
+from workbench.handoff import MeasureRequest, MeasureResult
 from workbench.metrics.windows import plan_windows, scored_count, scored_label
 from workbench.paths import runs_dir
 from workbench.presets import Preset, VariantSpec
@@ -196,39 +197,38 @@ class Runner:
             return self._record(spec, "cancelled" if built.cancelled else "failed", f"build: {built.error}")
         self._emit(spec.name, "measuring", "measuring", step)
         build_wall_s, started = time.perf_counter() - started, time.perf_counter()
-        measured = self._worker(
-            "workbench.worker:measure_variant",
-            {**common, "name": spec.name, "runtime": built.result["runtime"], "artifact_path": built.result["artifact_path"],
-             "eval_tokens_path": str(self.out_dir / "eval_tokens.json"), "context": preset.eval.context,
-             "stride": preset.eval.stride, "latency": preset.latency.model_dump(), "samples": preset.samples.model_dump(),
-             "lm_eval": preset.lm_eval.model_dump() if preset.lm_eval else None,
-             "bos_id": prep["validity"]["bos_id"],
-             "write_reference": str(reference) if is_baseline else None,
-             "reference": str(reference) if baseline_ok and not is_baseline else None},
-            f"{spec.name}-measure", spec.name, "measuring", step,
-        )
+        request = MeasureRequest(
+            name=spec.name, runtime=built.result["runtime"], artifact_path=built.result["artifact_path"],
+            eval_tokens_path=str(self.out_dir / "eval_tokens.json"), threads=preset.threads, device=preset.device,
+            trust_remote_code=preset.trust_remote_code, context=preset.eval.context, stride=preset.eval.stride,
+            latency=preset.latency, samples=preset.samples, lm_eval=preset.lm_eval, bos_id=prep["validity"]["bos_id"],
+            write_reference=str(reference) if is_baseline else None,
+            reference=str(reference) if baseline_ok and not is_baseline else None)
+        measured = self._worker("workbench.worker:measure_variant", request.to_payload(), f"{spec.name}-measure",
+                                spec.name, "measuring", step)
         record = self._record(spec, "ok", None, built.result)
         record["timing"] = {"build_s": build_wall_s, "build_cached": all(s["cached"] for s in built.result["stages"]),
                             "measure_s": time.perf_counter() - started}
         if not measured.ok:
             record.update(status="cancelled" if measured.cancelled else "failed", error=f"measure: {measured.error}")
             return record
-        result = measured.result
-        record["metrics"].update(result["metrics"])
-        record.update(layers=result["layers"], samples=result["samples"], runtime=result["runtime"],
-                      quality_detail=result["quality_detail"])
-        for key in ("engine_perf", "tokenizer_agreement", "latency"):  # runtime-specific details, when the runtime has them
-            if key in result:
-                record[key] = result[key]
+        result = MeasureResult.from_payload(measured.result)
+        record["metrics"].update(result.metrics)
+        record.update(layers=result.layers, samples=result.samples, runtime=asdict(result.runtime),
+                      quality_detail=result.quality_detail, latency=result.latency)
+        if result.engine_perf is not None:  # runtime-specific details, when the runtime has them
+            record["engine_perf"] = result.engine_perf
+        if result.tokenizer_agreement is not None:
+            record["tokenizer_agreement"] = result.tokenizer_agreement
         gguf = next((stage["report"]["gguf"] for stage in reversed(built.result["stages"])
                      if (stage.get("report") or {}).get("gguf")), None)
         if gguf:
             record["gguf"] = gguf
-        if result["runtime"]["device"] == "cpu":  # the bandwidth is this CPU's: no roofline for GPU runs
+        if result.runtime.device == "cpu":  # the bandwidth is this CPU's: no roofline for GPU runs
             from workbench.roofline import roofline
 
             bandwidth = (self.machine_profile or {}).get("bandwidth", {}).get("bandwidth_bytes_s")
-            record["roofline"] = roofline(bandwidth, record["metrics"]["weight_bytes"], result.get("weights_read"),
+            record["roofline"] = roofline(bandwidth, record["metrics"]["weight_bytes"], result.weights_read,
                                           record["metrics"]["decode_tok_s"])
         if not is_baseline and not baseline_ok:
             record["quality_detail"]["divergence_note"] = "the baseline failed, so KLD / top-1 / delta-p are null"

@@ -170,3 +170,14 @@ def auto_floor(shape: Any, candidates: list[str], pick: Any = min) -> int:
     for tensors in units.values():
         total += pick(sum(tensor_bytes(fallback(c, nx), nx * ny) for nx, ny in tensors) for c in candidates)
     return total
+
+
+def token_embd_bytes(shape: Any, quant: str) -> int:
+    """Bytes of token_embd as llama.cpp's quantizer will store it for file type `quant`."""
+    if quant in ("F32", "F16", "BF16"):
+        return tensor_bytes(DEFAULT_TYPE[quant], shape.vocab * shape.hidden)
+    base = DEFAULT_TYPE[quant]
+    chosen = _type_for("token_embd", -1, shape.layers, quant, base, shape.hidden, not shape.tied, 1)
+    if shape.hidden % block(chosen)[0]:
+        chosen = FALLBACK.get(chosen, "F16")
+    return tensor_bytes(chosen, shape.vocab * shape.hidden)

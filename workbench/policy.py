@@ -161,18 +161,13 @@ def enforce(preset: Any, mode: Mode, estimate: bool = True) -> None:
         raise PolicyError(reasons)
 
 
-def looks_local(model: str) -> bool:
-    """A model string that names a file or folder rather than a hub id or the bundled model."""
-    if model.startswith("bundled:"):
-        return False
-    return Path(model).expanduser().exists() or model.startswith(("/", ".", "~")) or model.endswith(".gguf")
-
-
 def path_fields(preset: Any) -> Iterator[tuple[str, str]]:
     """(where, value) of every file-naming field in the preset that holds a path rather than a keyword."""
     from workbench.methods.registry import get_method, method_names
 
-    if looks_local(preset.model):
+    from workbench.sources import classify_model
+
+    if classify_model(preset.model).is_local:
         yield "model", preset.model
     yield from _marked(preset.eval, "", "eval.")
     for variant in preset.variants:

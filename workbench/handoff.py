@@ -1,4 +1,4 @@
-"""What the runner hands the measuring worker, and what it gets back: one typed definition for both sides.
+"""What the runner hands its workers (build, measure), and what it gets back: one typed definition for both sides.
 
 A worker runs in another process (or on a Ray node), so each hand-off crosses as a JSON-able dict:
 the sender calls `to_payload()`, the receiver `from_payload()`. The preset's own models
@@ -18,6 +18,51 @@ from workbench.presets import LatencySpec, LmEvalSpec, SamplesSpec
 
 def _plain(value: Any) -> Any:
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+@dataclass
+class BuildRequest:
+    """Build (or find in the cache) a variant's artifact by applying its stages in order (worker.build_artifact)."""
+
+    stages: list[dict[str, Any]]  # [{method, options}], as the preset gives them
+    source_dir: str  # the source's Hugging Face folder
+    source_fingerprint: str  # keys every stage's cache entry (worker.stage_material)
+    source_gguf: str | None  # the source's own GGUF file, when it is one
+    threads: int
+    device: str
+    trust_remote_code: bool
+    use_cache: bool = True
+
+    def to_payload(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "BuildRequest":
+        return cls(**payload)
+
+
+@dataclass
+class StageBuild:
+    method: str
+    artifact_path: str
+    cached: bool  # found in the cache (or the input reused as it is): nothing was built
+    build_s: float | None  # None when cached
+    report: dict[str, Any] | None = None  # what the method reported about its build (stage_report.json)
+
+
+@dataclass
+class BuildResult:
+    artifact_path: str  # the last stage's folder
+    stages: list[StageBuild]
+    honesty: str  # the least real of the stages' labels
+    runtime: str  # the runtime that loads the last stage's artifact
+
+    def to_payload(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "BuildResult":
+        return cls(**{**payload, "stages": [StageBuild(**stage) for stage in payload["stages"]]})
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from workbench.environment import environment
 from workbench.errors import WorkbenchError
-from workbench.handoff import MeasureRequest, MeasureResult
+from workbench.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult
 from workbench.metrics.windows import plan_windows, scored_count, scored_label
 from workbench.paths import runs_dir
 from workbench.presets import Preset, VariantSpec
@@ -182,23 +182,22 @@ class Runner:
     def _build_and_measure(self, spec: VariantSpec, step: int, prep: dict, is_baseline: bool,
                            reference: Path, baseline_ok: bool) -> dict:
         preset = self.preset
-        common = {"threads": preset.threads, "device": preset.device, "trust_remote_code": preset.trust_remote_code}
         self._emit(spec.name, "building", "building the artifact", step)
         started = time.perf_counter()
-        built = self._worker(
-            "workbench.worker:build_artifact",
-            {**common, "name": spec.name, "stages": [s.model_dump() for s in spec.stages()],
-             "source_dir": prep["source"]["hf_dir"], "source_fingerprint": prep["source"]["fingerprint"],
-             "source_gguf": prep["source"]["gguf_file"],
-             "use_cache": self.use_cache},
-            f"{spec.name}-build", spec.name, "building", step,
-        )
-        if not built.ok:
-            return self._record(spec, "cancelled" if built.cancelled else "failed", f"build: {built.error}")
+        build_request = BuildRequest(
+            stages=[s.model_dump() for s in spec.stages()], source_dir=prep["source"]["hf_dir"],
+            source_fingerprint=prep["source"]["fingerprint"], source_gguf=prep["source"]["gguf_file"],
+            threads=preset.threads, device=preset.device, trust_remote_code=preset.trust_remote_code,
+            use_cache=self.use_cache)
+        outcome = self._worker("workbench.worker:build_artifact", build_request.to_payload(), f"{spec.name}-build",
+                               spec.name, "building", step)
+        if not outcome.ok:
+            return self._record(spec, "cancelled" if outcome.cancelled else "failed", f"build: {outcome.error}")
+        built = BuildResult.from_payload(outcome.result)
         self._emit(spec.name, "measuring", "measuring", step)
         build_wall_s, started = time.perf_counter() - started, time.perf_counter()
         request = MeasureRequest(
-            name=spec.name, runtime=built.result["runtime"], artifact_path=built.result["artifact_path"],
+            name=spec.name, runtime=built.runtime, artifact_path=built.artifact_path,
             eval_tokens_path=str(self.out_dir / "eval_tokens.json"), threads=preset.threads, device=preset.device,
             trust_remote_code=preset.trust_remote_code, context=preset.eval.context, stride=preset.eval.stride,
             latency=preset.latency, samples=preset.samples, lm_eval=preset.lm_eval, bos_id=prep["validity"]["bos_id"],
@@ -206,8 +205,8 @@ class Runner:
             reference=str(reference) if baseline_ok and not is_baseline else None)
         measured = self._worker("workbench.worker:measure_variant", request.to_payload(), f"{spec.name}-measure",
                                 spec.name, "measuring", step)
-        record = self._record(spec, "ok", None, built.result)
-        record["timing"] = {"build_s": build_wall_s, "build_cached": all(s["cached"] for s in built.result["stages"]),
+        record = self._record(spec, "ok", None, built)
+        record["timing"] = {"build_s": build_wall_s, "build_cached": all(s.cached for s in built.stages),
                             "measure_s": time.perf_counter() - started}
         if not measured.ok:
             record.update(status="cancelled" if measured.cancelled else "failed", error=f"measure: {measured.error}")
@@ -220,8 +219,7 @@ class Runner:
             record["engine_perf"] = result.engine_perf
         if result.tokenizer_agreement is not None:
             record["tokenizer_agreement"] = result.tokenizer_agreement
-        gguf = next((stage["report"]["gguf"] for stage in reversed(built.result["stages"])
-                     if (stage.get("report") or {}).get("gguf")), None)
+        gguf = next((stage.report["gguf"] for stage in reversed(built.stages) if (stage.report or {}).get("gguf")), None)
         if gguf:
             record["gguf"] = gguf
         if result.runtime.device == "cpu":  # the bandwidth is this CPU's: no roofline for GPU runs
@@ -295,7 +293,7 @@ class Runner:
                                                  "options": {**stages[0]["options"], "skip_modules": patterns}}
         return result
 
-    def _record(self, spec: VariantSpec, status: str, error: str | None, built: dict | None = None) -> dict:
+    def _record(self, spec: VariantSpec, status: str, error: str | None, built: BuildResult | None = None) -> dict:
         return {
             "name": spec.name,
             "method": method_label(spec),
@@ -303,9 +301,9 @@ class Runner:
             "stages": [s.model_dump() for s in spec.stages()],
             "status": status,
             "error": error,
-            "honesty": built["honesty"] if built else None,
-            "artifact_path": built["artifact_path"] if built else None,
-            "build": built["stages"] if built else None,
+            "honesty": built.honesty if built else None,
+            "artifact_path": built.artifact_path if built else None,
+            "build": [asdict(stage) for stage in built.stages] if built else None,
             "metrics": {name: None for name in METRIC_NAMES},
             "layers": [],
             "samples": [],

@@ -17,7 +17,7 @@ from workbench.environment import library_versions
 from workbench.methods.base import BuildContext
 from workbench.methods.registry import get_method
 from workbench.paths import artifacts_dir
-from workbench.handoff import MeasureRequest, MeasureResult, RuntimeInfo
+from workbench.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult, RuntimeInfo, StageBuild
 from workbench.runtimes.base import Variant
 
 Emit = Callable[[str], None]
@@ -44,38 +44,41 @@ def stage_material(source_fingerprint: str, stages: list[dict], index: int, vers
 
 
 def build_artifact(payload: dict, emit: Emit) -> dict:
-    """Apply the variant's stages in order, each cached under a key of everything that shaped it."""
+    """Apply the variant's stages in order, each cached under a key of everything that shaped it.
+
+    `payload` is a `BuildRequest.to_payload()`; the result a `BuildResult.to_payload()` (handoff.py).
+    """
     from workbench.runtimes.torch import pick_device
 
     import torch
 
-    torch.set_num_threads(payload["threads"])
-    device = pick_device(payload["device"])
-    ctx = BuildContext(device=device, threads=payload["threads"], trust_remote_code=payload["trust_remote_code"],
-                       emit=emit, source_gguf=payload.get("source_gguf"), source_dir=payload["source_dir"])
-    current = Path(payload["source_dir"])
+    request = BuildRequest.from_payload(payload)
+    torch.set_num_threads(request.threads)
+    device = pick_device(request.device)
+    ctx = BuildContext(device=device, threads=request.threads, trust_remote_code=request.trust_remote_code,
+                       emit=emit, source_gguf=request.source_gguf, source_dir=request.source_dir)
+    current = Path(request.source_dir)
     versions = library_versions()
-    stages_done = []
-    for index, stage in enumerate(payload["stages"]):
+    stages_done: list[StageBuild] = []
+    for index, stage in enumerate(request.stages):
         method = get_method(stage["method"])()
         options = method.Options.model_validate(stage["options"])
         if method.reuses_input(current, options):
-            stages_done.append({"method": method.name, "artifact_path": str(current), "cached": True, "build_s": 0.0})
+            stages_done.append(StageBuild(method.name, str(current), cached=True, build_s=0.0))
             continue
-        material = stage_material(payload["source_fingerprint"], payload["stages"], index, versions, device)
+        material = stage_material(request.source_fingerprint, request.stages, index, versions, device)
         started = time.perf_counter()
         folder, cached = cached_folder(
             artifacts_dir(), key_hash(material),
             lambda out, m=method, o=options, src=current: m.build(src, out, o, ctx),
-            material, use_cache=payload["use_cache"], emit=emit,
+            material, use_cache=request.use_cache, emit=emit,
         )
-        stages_done.append({"method": method.name, "artifact_path": str(folder), "cached": cached,
-                            "build_s": None if cached else time.perf_counter() - started,
-                            "report": _stage_report(folder)})
+        stages_done.append(StageBuild(method.name, str(folder), cached,
+                                      None if cached else time.perf_counter() - started, _stage_report(folder)))
         current = folder
-    labels = [get_method(s["method"]).honesty for s in payload["stages"]]
-    return {"artifact_path": str(current), "stages": stages_done, "honesty": _combined_honesty(labels),
-            "runtime": get_method(payload["stages"][-1]["method"]).runtime}
+    labels = [get_method(s["method"]).honesty for s in request.stages]
+    return BuildResult(str(current), stages_done, _combined_honesty(labels),
+                       get_method(request.stages[-1]["method"]).runtime).to_payload()
 
 
 def measure_variant(payload: dict, emit: Emit) -> dict:

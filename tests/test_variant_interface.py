@@ -142,7 +142,7 @@ def test_optional_capabilities_have_declared_defaults() -> None:
     bare = Variant.weight_matrices(variant), Variant.perf_counters(variant), Variant.tokenizer_agreement(variant, [1, 2])
     assert bare == (None, None, None)
     assert variant.weights_read() is None and variant.threads_used(3) == 3
-    with pytest.raises(CapabilityMissing, match="lm-eval"):
+    with pytest.raises(CapabilityMissing, match="lm-eval adapter"):
         variant.lm_eval_model("cpu", 1)
     with pytest.raises(CapabilityMissing, match="tokenizer"):
         Variant.chat_ids(variant, "hello")  # no tokenizer and no override: a clear error, not an AttributeError

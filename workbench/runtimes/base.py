@@ -119,7 +119,7 @@ class Variant(ABC):
 
     def lm_eval_model(self, device: str, batch_size: int, bos_id: int | None = None) -> Any:
         """An lm-eval `LM` scoring this loaded variant (no second load)."""
-        raise CapabilityMissing(f"no lm-eval model for the {type(self).__name__} runtime")
+        raise CapabilityMissing(f"no lm-eval adapter for the {type(self).__name__} runtime")
 
 
 class DummyVariant(Variant):

@@ -15,9 +15,9 @@ import pytest
 from workbench.calibration import CalibrationSpec
 from workbench.methods.base import Method, MethodOptions, SizeEstimate, SizeInput
 from workbench.methods.registry import get_method, method_names, register_method
-from workbench.modelshape import shape_from_config
-from workbench.planner import estimate_build_s, plan_preset
-from workbench.weightsize import estimate_weights
+from workbench.planning.modelshape import shape_from_config
+from workbench.planning.planner import estimate_build_s, plan_preset
+from workbench.planning.weightsize import estimate_weights
 
 SHAPE = shape_from_config({"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
                            "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
@@ -94,7 +94,7 @@ def half_registered() -> Any:
 
 
 def test_a_method_defined_in_a_test_plans_with_its_own_estimate(tiny_model_dir: Path, half_registered: Any) -> None:
-    from workbench.modelshape import shape_from_folder
+    from workbench.planning.modelshape import shape_from_folder
     from workbench.presets import parse_preset
 
     preset = parse_preset({"name": "t", "model": str(tiny_model_dir), "baseline": "fp32",
@@ -125,7 +125,7 @@ def test_one_function_classifies_model_strings(tmp_path: Path, tiny_model_dir: P
 
 
 def test_planner_fingerprint_of_a_folder_is_the_one_the_source_gets(tiny_model_dir: Path) -> None:
-    from workbench.planner import _source_state
+    from workbench.planning.planner import _source_state
     from workbench.sources import resolve_source
 
     assert _source_state(str(tiny_model_dir)) == (resolve_source(str(tiny_model_dir)).fingerprint, None)
@@ -136,7 +136,7 @@ def test_planner_sees_a_converted_gguf_source_as_prepared(tmp_path: Path, monkey
     source, the plan finds the folder (the conversion itself is replaced by a stub writing one file)."""
     import workbench.gguf_info
     import workbench.sources as sources
-    from workbench.planner import _source_state
+    from workbench.planning.planner import _source_state
 
     gguf = tmp_path / "stub.gguf"
     gguf.write_bytes(b"GGUF not a real model " + tmp_path.name.encode())  # a fingerprint no other test shares

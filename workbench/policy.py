@@ -284,7 +284,7 @@ def _stage_caps(name: str, method: str, options: dict[str, Any], mode: Mode) -> 
 
 def _model_refusals(preset: Any, mode: Mode) -> list[str]:
     """Checks that read the model's config (never its weights): size cap, group sizes, the planner's time."""
-    from workbench.modelshape import ShapeError, read_shape
+    from workbench.planning.modelshape import ShapeError, read_shape
 
     try:
         shape, _info = read_shape(preset.model, preset.trust_remote_code)
@@ -301,7 +301,7 @@ def _model_refusals(preset: Any, mode: Mode) -> list[str]:
                        f"{_count(mode.cap('params'))} (WORKBENCH_MAX_PARAMS)")  # type: ignore[arg-type]
     if reasons or mode.cap("plan_minutes") is None:
         return reasons
-    from workbench.planner import plan_preset_file
+    from workbench.planning.planner import plan_preset_file
 
     try:
         plans, _context = plan_preset_file(preset, emit=lambda _m: None)

@@ -1,7 +1,7 @@
 """Plan a preset's variants, build their artifacts (cached), and measure each in its own process.
 
     runner = Runner(load_preset("presets/quickstart.yaml"), on_event=print)
-    run = runner.run()          # the results.json document (ARCHITECTURE §2.2)
+    run = runner.run()          # the results.json document (docs/architecture.md §5)
 
 Order: prepare the source and the eval tokens, then the baseline (its log-probabilities are kept
 for KLD), then the other variants in preset order. A variant that fails to build or measure is
@@ -82,7 +82,7 @@ class Runner:
         self.visitor = visitor  # the app visitor (gradio session) who started the run; None from the CLI
         self._cancel = threading.Event()
         self.worker_pid: int | None = None  # the worker process in flight, for the UI and tests
-        self.machine_profile: dict | None = None  # bandwidth / matmul speed of this machine (roofline.py)
+        self.machine_profile: dict | None = None  # bandwidth / matmul speed of this machine (planning/machine.py)
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -129,7 +129,7 @@ class Runner:
             else:
                 record = self._build_and_measure(spec, step, prep, is_baseline, reference, baseline_ok)
                 baseline_ok = baseline_ok or (is_baseline and record["status"] == "ok")
-            record["estimate"] = estimates.get(spec.name)  # made before anything was built (planner.py)
+            record["estimate"] = estimates.get(spec.name)  # made before anything was built (planning/planner.py)
             records[position] = record
             history.save_variant(self.run_id, position, record)
             run["variants"] = [records[i] for i in sorted(records)]
@@ -164,7 +164,7 @@ class Runner:
 
     def _check_before_preparing(self) -> None:
         """Group sizes against the model's widths, from its config: seconds, not a calibration's minutes."""
-        from workbench.modelshape import read_shape
+        from workbench.planning.modelshape import read_shape
         from workbench.policy import group_size_refusals
 
         if not any(s.method in ("gptq", "awq") for v in self.preset.variants for s in v.stages()):
@@ -237,8 +237,8 @@ class Runner:
 
     def _plan(self, prep: dict, run: dict) -> dict[str, dict]:
         """Estimates of every variant from the model config and this machine's profile, before anything is built."""
-        from workbench.planner import over_budget, plan_for_run
-        from workbench.roofline import machine_profile
+        from workbench.planning.planner import over_budget, plan_for_run
+        from workbench.planning.machine import machine_profile
 
         self.machine_profile = machine_profile(self.preset.threads, emit=lambda m: self._emit(None, "preparing", m),
                                                log_dir=self.out_dir / "logs")

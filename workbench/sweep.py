@@ -50,7 +50,7 @@ def run_sweep(
 
     History().close()  # migrate once here, before several threads open the database at once
     try:
-        from workbench.roofline import machine_profile
+        from workbench.planning.machine import machine_profile
     except ImportError:  # a tree without the roofline planner: nothing to calibrate
         machine_profile = None
     for threads in sorted({p.threads for p in presets}) if machine_profile else ():

@@ -4,9 +4,9 @@ A method turns one artifact folder (a Hugging Face model folder) into another. H
 imported inside `build`, never at module import, so listing methods and validating presets is quick.
 
 Everything other code needs to know about a method is declared on its class, so the planner and the
-size estimator (weightsize.py, planner.py) hold no method names: option defaults live in its
-`Options` model, which options name files in its path fields (pathfield.py), and its estimates in
-`reshape`, `estimate_size`, `estimate_build_s` and `skips_build`.
+size estimator (workbench/planning/) hold no method names: option defaults live in its `Options`
+model, which options name files in its path fields (pathfield.py), and its estimates in `reshape`,
+`estimate_size`, `estimate_build_s` and `skips_build`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
-    from workbench.modelshape import ModelShape
+    from workbench.planning.modelshape import ModelShape
 
 Honesty = Literal["real-kernel", "simulated", "dense-with-zeros"]
 # What a stage's output folder is, so a pipeline can be checked before anything runs:
@@ -86,7 +86,7 @@ class SizeEstimate:
 
 @dataclass
 class BuildSpeed:
-    """This machine's speeds as build-time estimates use them (from roofline.machine_profile)."""
+    """This machine's speeds as build-time estimates use them (from planning/machine.py)."""
 
     flops_s: float  # FLOP/s a method's own forward passes reach (below the calibrated matmul's)
     disk_bytes_s: float  # reading and writing safetensors
@@ -116,7 +116,7 @@ class Method:
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         raise NotImplementedError
 
-    # ---- estimates, before anything loads (planner.py, weightsize.py) --------------------------------------
+    # ---- estimates, before anything loads (workbench/planning/) ---------------------------------------------
 
     def reshape(self, shape: "ModelShape", rest: str, options: MethodOptions) -> tuple["ModelShape", str]:
         """The shape and float dtype of this stage's output, for the stages after it (default: unchanged)."""

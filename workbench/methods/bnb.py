@@ -17,7 +17,7 @@ from workbench.errors import WorkbenchError
 from workbench.methods.base import DTYPE_BYTES, BuildContext, Method, MethodOptions, SizeEstimate, SizeInput, load_and_save
 
 if TYPE_CHECKING:
-    from workbench.modelshape import ModelShape
+    from workbench.planning.modelshape import ModelShape
 
 
 class Int8Options(MethodOptions):

@@ -20,7 +20,7 @@ from workbench.errors import WorkbenchError
 from workbench.methods.base import BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput
 
 if TYPE_CHECKING:
-    from workbench.modelshape import ModelShape
+    from workbench.planning.modelshape import ModelShape
 
 
 class DistillOptions(MethodOptions):

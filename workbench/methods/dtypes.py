@@ -10,7 +10,7 @@ from workbench.methods.base import (BuildContext, Method, MethodOptions, NoOptio
                                     load_and_save)
 
 if TYPE_CHECKING:
-    from workbench.modelshape import ModelShape
+    from workbench.planning.modelshape import ModelShape
 
 
 def stored_dtype(model_dir: Path) -> str | None:

@@ -28,7 +28,7 @@ from workbench.methods.base import BuildContext, BuildSpeed, Method, MethodOptio
 from workbench.pathfield import path_field
 
 if TYPE_CHECKING:
-    from workbench.modelshape import ModelShape
+    from workbench.planning.modelshape import ModelShape
 
 QuantType = Literal[
     "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
@@ -285,7 +285,7 @@ class GGUF(Method):
 
     def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
         """llama.cpp's tensor-type mix for this shape (gguf_plan), with its fallbacks and overrides."""
-        from workbench.gguf_plan import DEFAULT_TYPE, predict, token_embd_bytes
+        from workbench.planning.gguf_plan import DEFAULT_TYPE, predict, token_embd_bytes
 
         assert isinstance(options, GGUFOptions)
         quant = options.quant

@@ -37,7 +37,7 @@ from workbench.methods.gguf import (TENSOR_TYPES_NEEDING_IMATRIX, TensorType, _f
 from workbench.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
 
 if TYPE_CHECKING:
-    from workbench.modelshape import ModelShape
+    from workbench.planning.modelshape import ModelShape
 
 SENSITIVITY_DEFAULT = CalibrationSpec(samples=2, seq_len=256, text="pydoc", seed=1)
 # Any quantized file type: every matrix gets its type from an override, so this only makes llama.cpp
@@ -365,7 +365,7 @@ class GGUFAuto(Method):
     def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
         """The budget, within what the candidates can make: the chosen mix is known only after measuring, and
         it fills the budget from below; a budget under the smallest possible file is refused at build time."""
-        from workbench.gguf_plan import auto_floor
+        from workbench.planning.gguf_plan import auto_floor
 
         assert isinstance(options, GGUFAutoOptions)
         shape, candidates = size.shape, list(options.candidates)

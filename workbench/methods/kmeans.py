@@ -24,7 +24,7 @@ from workbench.methods.weights import (INCLUDE_LM_HEAD, TARGETS, Targets, load_f
                                        target_linears, write_report)
 
 if TYPE_CHECKING:
-    from workbench.modelshape import ModelShape
+    from workbench.planning.modelshape import ModelShape
 
 WEIGHTS_FILE = "kmeans.safetensors"
 

@@ -23,7 +23,7 @@ from workbench.methods.base import (DTYPE_BYTES, BuildContext, BuildSpeed, Metho
                                     check_sparsity, dense_with_zeros)
 
 if TYPE_CHECKING:
-    from workbench.modelshape import ModelShape
+    from workbench.planning.modelshape import ModelShape
 
 _CANDIDATE_GROUPS = (16, 32, 64, 128, 256)
 

@@ -26,7 +26,7 @@ from workbench.methods.weights import (INCLUDE_LM_HEAD, TARGETS, Targets, load_f
                                        set_module, target_linears, write_report)
 
 if TYPE_CHECKING:
-    from workbench.modelshape import ModelShape
+    from workbench.planning.modelshape import ModelShape
 
 WEIGHTS_FILE = "lowrank.safetensors"
 DEFAULT_ENERGY = 0.95

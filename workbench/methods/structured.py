@@ -21,7 +21,7 @@ from workbench.errors import WorkbenchError
 from workbench.methods.base import BuildContext, Method, MethodOptions, SizeEstimate, SizeInput
 
 if TYPE_CHECKING:
-    from workbench.modelshape import ModelShape
+    from workbench.planning.modelshape import ModelShape
 from workbench.methods.weights import load_float_model, save_hf, write_report
 
 

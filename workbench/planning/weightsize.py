@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from workbench.methods.base import DTYPE_BYTES, Method, MethodOptions, SizeInput
-from workbench.modelshape import ModelShape
+from workbench.planning.modelshape import ModelShape
 
 
 @dataclass

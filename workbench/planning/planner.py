@@ -5,7 +5,7 @@
 Weights: the parameter count from the model's config (or GGUF metadata) times the bits per weight
 of the variant's format, with each format's real overheads (bitsandbytes row scales and 4-bit absmax
 blocks, the llama.cpp tensor-type mix via `gguf_plan`). Time: this machine's measured matmul speed
-and memory bandwidth (`roofline.machine_profile`) scaled by FLOPs and bytes per token of each
+and memory bandwidth (`planning/machine.py`) scaled by FLOPs and bytes per token of each
 protocol step, with per-format efficiencies fitted on quickstart runs. The weight figure is
 usually within a few percent; the time figure is a rough guide (expect +-50 %, more on a busy
 machine). Every run stores the estimate beside the measured figures so the error stays visible.
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.modelshape import ModelShape
+from workbench.planning.modelshape import ModelShape
 from workbench.methods.base import DTYPE_BYTES, BuildSpeed
-from workbench.weightsize import WeightEstimate, estimate_weights, stage_methods
+from workbench.planning.weightsize import WeightEstimate, estimate_weights, stage_methods
 
 # Forward throughput relative to the calibrated 1024^3 float32 matmul (prefill, perplexity windows), and
 # the fixed cost per decoder layer of one decode step (python, dispatch, dequantization), per format family.
@@ -169,7 +169,7 @@ def cached_variants(preset: Any, fingerprint: str | None, device: str, source_dt
 
 def plan_for_run(preset: Any, prep: dict[str, Any], profile: dict[str, Any] | None, use_cache: bool = True) -> list[VariantPlan]:
     """The runner's plan, made once the source is prepared (its config.json exists)."""
-    from workbench.modelshape import shape_from_folder
+    from workbench.planning.modelshape import shape_from_folder
 
     source = prep["source"]
     shape = shape_from_folder(Path(source["hf_dir"]))
@@ -202,8 +202,8 @@ def _source_state(model: str) -> tuple[str | None, str | None]:
 
 def plan_preset_file(preset: Any, recalibrate: bool = False, emit: Any = print) -> tuple[list[VariantPlan], dict[str, Any]]:
     """Plan a preset with nothing prepared: shape from config.json or GGUF metadata, this machine's profile."""
-    from workbench.modelshape import read_shape
-    from workbench.roofline import machine_profile
+    from workbench.planning.modelshape import read_shape
+    from workbench.planning.machine import machine_profile
     from workbench.runtimes.torch import pick_device
 
     device = pick_device(preset.device)  # a cuda preset on a CPU machine is refused before anything is read
@@ -216,7 +216,7 @@ def plan_preset_file(preset: Any, recalibrate: bool = False, emit: Any = print) 
 
 
 def plan_text(preset: Any, plans: list[VariantPlan], context: dict[str, Any], budget_gb: float | None) -> str:
-    from workbench.roofline import calibration_note
+    from workbench.planning.machine import calibration_note
 
     shape, profile = context["shape"], context["profile"]
     lines = [f"Plan for '{preset.name}' on {preset.model}: {shape.params() / 1e6:.1f} M parameters "

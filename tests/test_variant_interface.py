@@ -1,6 +1,7 @@
 """The Variant interface: a plain-Python variant with known logits goes through the real measuring code.
 
-`KnownLogits` is defined here, registered as a runtime with one line, and measured by
+`KnownLogits` (the package's DummyVariant with an EOS id and weight matrices) is registered as a runtime
+with one line, and measured by
 `worker.measure_variant` exactly as a built artifact is. Every figure checked is computed again here,
 independently, with numpy (perplexity, KL divergence, top-1 agreement, the greedy samples, sparsity).
 """
@@ -17,7 +18,7 @@ import pytest
 from workbench.handoff import MeasureRequest, MeasureResult
 from workbench.presets import LatencySpec, SamplesSpec
 from workbench.runtimes import register_runtime
-from workbench.runtimes.base import CapabilityMissing, Footprint, Variant
+from workbench.runtimes.base import CapabilityMissing, DummyVariant, Footprint, Variant
 from workbench.worker import measure_variant
 
 VOCAB = 11
@@ -25,39 +26,9 @@ CONTEXT = 8
 MATRICES = {"layers.0.w": np.array([[0.0, 1.0, 2.0], [0.0, 0.0, 3.0]]), "layers.1.w": np.array([[4.0, 0.0], [5.0, 6.0]])}
 
 
-class KnownLogits(Variant):
-    """Logits after token t are `table[t]`; the artifact folder holds `table.npy`. Text is ids written out."""
-
-    def __init__(self, name: str, table: np.ndarray):
-        self.name = name
-        self.table = table
-        self.closed = False
-
-    @classmethod
-    def load(cls, name: str, artifact_path: Path, device: str, threads: int, trust_remote_code: bool = False,
-             n_ctx: int = 2048) -> "KnownLogits":
-        return cls(name, np.load(Path(artifact_path) / "table.npy"))
-
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        return self.table[np.asarray(ids)]
-
-    def generate(self, ids: Sequence[int], max_new_tokens: int) -> Iterator[int]:
-        token = int(ids[-1])
-        for _ in range(max_new_tokens):
-            token = int(np.argmax(self.table[token]))
-            yield token
-
-    def footprint(self) -> Footprint:
-        return Footprint(weight_bytes=1234, disk_bytes=5678)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def chat_ids(self, prompt: str) -> list[int]:
-        return [int(word) for word in prompt.split()]
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return " ".join(map(str, ids))
+class KnownLogits(DummyVariant):
+    """DummyVariant (logits after token t are `table[t]`, text is ids written out, loaded from `table.npy` and
+    `footprint.json`), plus an EOS id and weight matrices with known zeros."""
 
     def eos_ids(self) -> set[int]:
         return {VOCAB - 1}
@@ -79,6 +50,7 @@ def _request(tmp_path: Path, name: str, table: np.ndarray, tokens: list[int], **
     folder = tmp_path / name
     folder.mkdir()
     np.save(folder / "table.npy", table)
+    (folder / "footprint.json").write_text(json.dumps({"weight_bytes": 1234, "disk_bytes": 5678}))
     tokens_path = tmp_path / "eval_tokens.json"
     tokens_path.write_text(json.dumps(tokens))
     import torch

@@ -26,10 +26,11 @@ def prepared(preset_path: str) -> tuple[Any, Any, list[int]]:
 
 def built_artifact(source: Any, method: str, options: dict, threads: int) -> Path:
     """The artifact a run would build (and cache) for one method."""
+    from workbench.handoff import BuildRequest, BuildResult
     from workbench.worker import build_artifact
 
-    result = build_artifact({"threads": threads, "device": "cpu", "trust_remote_code": False,
-                             "stages": [{"method": method, "options": options}], "source_dir": str(source.hf_dir),
-                             "source_fingerprint": source.fingerprint, "source_gguf": str(source.gguf_file),
-                             "use_cache": True}, lambda _m: None)
-    return Path(result["artifact_path"])
+    request = BuildRequest(stages=[{"method": method, "options": options}], source_dir=str(source.hf_dir),
+                           source_fingerprint=source.fingerprint,
+                           source_gguf=str(source.gguf_file) if source.gguf_file else None, threads=threads,
+                           device="cpu", trust_remote_code=False)
+    return Path(BuildResult.from_payload(build_artifact(request.to_payload(), lambda _m: None)).artifact_path)

@@ -20,7 +20,8 @@ TINY_VARIANT_DEFAULTS = {
 
 @pytest.fixture(scope="session", autouse=True)
 def workbench_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every test (and every worker process it spawns) uses a fresh home; the real cache is untouched."""
+    """One home for the whole session (tests and the worker processes they spawn share it, and its artifact cache);
+    the real cache is untouched."""
     home = Path(os.environ.get("WORKBENCH_TEST_HOME") or tmp_path_factory.mktemp("workbench-home"))
     os.environ["WORKBENCH_HOME"] = str(home)
     os.environ["HF_HUB_OFFLINE"] = "1"  # tests never need a network

@@ -146,7 +146,7 @@ def test_llamacpp_lm_eval_adapter_equals_the_variants_logits(tiny_gguf, tiny_smo
     from workbench.runtimes.llamacpp import LlamaCppVariant
 
     variant = LlamaCppVariant.load("f16", tiny_gguf["F16"], "cpu", 2, n_ctx=512)
-    adapter = variant.lm_eval_adapter()
+    adapter = variant.lm_eval_model("cpu", 1)
     context, continuation = "The quick brown fox", " jumps over the lazy dog."
     request = Instance("loglikelihood", {}, (context, continuation), 0)
     (total, greedy), = adapter.loglikelihood([request])

@@ -277,10 +277,10 @@ def test_imatrix_lowers_the_importance_weighted_error(wide_smol_dir, wide_f16, t
 
 def test_overrides_change_exactly_the_tensors_their_patterns_name(tiny_smol_dir, tmp_path) -> None:
     from workbench.gguf_info import GGUF_NAME
-    from workbench.gguf_plan import predict
+    from workbench.planning.gguf_plan import predict
     from workbench.methods.gguf import GGUF, GGUFOptions
     from workbench.methods.gguf_auto import read_tensors
-    from workbench.modelshape import shape_from_folder
+    from workbench.planning.modelshape import shape_from_folder
 
     overrides = {r"blk\.1\.ffn_down": "Q4_0", r"attn_v": "Q5_0", r"^token_embd\.weight$": "F16"}
     folders = {}
@@ -369,9 +369,9 @@ def test_block_replay_measures_what_a_full_forward_measures(tiny_smol_dir) -> No
 
 def test_gguf_auto_meets_its_budget_and_records_its_choice(tiny_smol_dir, tmp_path) -> None:
     from workbench.gguf_info import GGUF_NAME
-    from workbench.gguf_plan import auto_floor
+    from workbench.planning.gguf_plan import auto_floor
     from workbench.methods.gguf_auto import GGUFAuto, GGUFAutoOptions, read_tensors, unit_of
-    from workbench.modelshape import shape_from_folder
+    from workbench.planning.modelshape import shape_from_folder
 
     candidates = ["Q8_0", "Q4_0"]
     options = {"candidates": candidates, "sensitivity": {"samples": 2, "seq_len": 64, "seed": 1}}
@@ -403,9 +403,9 @@ def test_gguf_auto_meets_its_budget_and_records_its_choice(tiny_smol_dir, tmp_pa
 
 
 def test_plan_estimates_imatrix_overrides_and_auto_targets(tiny_smol_dir) -> None:
-    from workbench.gguf_plan import auto_floor
-    from workbench.modelshape import shape_from_folder
-    from workbench.weightsize import estimate_weights
+    from workbench.planning.gguf_plan import auto_floor
+    from workbench.planning.modelshape import shape_from_folder
+    from workbench.planning.weightsize import estimate_weights
 
     shape = shape_from_folder(tiny_smol_dir)
     overridden = estimate_weights(shape, [{"method": "gguf", "options": {"quant": "Q8_0", "tensor_types": {"ffn": "Q4_0"}}}])

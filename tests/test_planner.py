@@ -10,9 +10,9 @@ import yaml
 
 from workbench.cli import main
 from workbench.methods.base import BuildContext
-from workbench.modelshape import ShapeError, read_shape, shape_from_folder, shape_from_gguf
+from workbench.planning.modelshape import ShapeError, read_shape, shape_from_folder, shape_from_gguf
 from workbench.presets import dump_preset, load_preset, parse_preset
-from workbench.weightsize import estimate_weights
+from workbench.planning.weightsize import estimate_weights
 
 CTX = BuildContext(device="cpu", threads=1, trust_remote_code=False, emit=lambda _m: None)
 
@@ -58,7 +58,7 @@ def test_q4_k_m_estimate_predicts_llama_cpp_mix_and_bytes(tmp_path, tiny_smol_di
     shape = shape_from_folder(tiny_smol_dir)
     estimate = estimate_weights(shape, [{"method": "gguf", "options": {"quant": "Q4_K_M"}}])
     assert estimate.weight_bytes == pytest.approx(actual["tensor_bytes"], rel=0.10)
-    from workbench.gguf_plan import predict
+    from workbench.planning.gguf_plan import predict
 
     assert predict(shape, "Q4_K_M")["tensor_types"] == actual["tensor_types"]
     assert any("fall back" in note for note in estimate.notes)
@@ -124,7 +124,7 @@ def planned_run(tmp_path_factory, tiny_model_dir):
 
 
 def test_run_records_estimate_beside_metrics_and_the_cli_compares_them(planned_run) -> None:
-    from workbench.planner import estimate_vs_actual
+    from workbench.planning.planner import estimate_vs_actual
 
     assert planned_run["status"] == "ok", [r["error"] for r in planned_run["variants"]]
     for record in planned_run["variants"]:
@@ -154,7 +154,7 @@ def test_run_records_a_roofline_for_every_cpu_variant(planned_run, tiny_model_di
 
 
 def test_a_second_plan_knows_which_artifacts_are_cached(planned_run) -> None:
-    from workbench.planner import cached_variants
+    from workbench.planning.planner import cached_variants
 
     preset = parse_preset(planned_run["preset"])
     cached = cached_variants(preset, planned_run["model"]["fingerprint"], "cpu", "float32")

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from workbench.roofline import bytes_per_token, measure_bandwidth, roofline, weights_read
+from workbench.roofline import bytes_per_token, roofline, weights_read
+from workbench.planning.machine import measure_bandwidth
 
 MIB = 1 << 20
 
@@ -43,17 +44,18 @@ def test_bytes_per_token_skips_an_untied_embedding_but_not_a_tied_one() -> None:
 
 
 def test_weights_read_sees_tied_and_untied_embeddings() -> None:
+    from pathlib import Path
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    class Holder:  # what weights_read needs of a torch variant: its model
-        def __init__(self, model):
-            self.model = model
+    from workbench.runtimes.torch import TorchVariant
 
     for tied in (False, True):
         config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                              num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=tied)
-        read = weights_read(Holder(LlamaForCausalLM(config).to(torch.float32)))
+        model = LlamaForCausalLM(config).to(torch.float32)
+        read = weights_read(TorchVariant("x", model, None, Path("."), "cpu"))
         assert read == {"embedding_bytes": 100 * 16 * 4, "embedding_rows": 100, "tied": tied}
 
 
@@ -93,64 +95,65 @@ class _LoadedMachine:
 
 def test_calibration_under_contention_is_not_cached_and_clean_ones_keep_the_best(monkeypatch, tmp_path) -> None:
     """The real calibrate_worker (in this process), with a loaded /proc reading and fast stand-in measurements."""
-    from workbench import process, roofline
+    from workbench import process
+    from workbench.planning import machine as calibration
     from workbench.process import WorkerOutcome
 
     machine = _LoadedMachine()
-    monkeypatch.setattr(roofline, "workbench_home", lambda: tmp_path)
-    monkeypatch.setattr(roofline, "_cpu_probe", machine.probe)
+    monkeypatch.setattr(calibration, "workbench_home", lambda: tmp_path)
+    monkeypatch.setattr(calibration, "_cpu_probe", machine.probe)
     def bandwidth(threads: int) -> dict:
         import time
 
         time.sleep(0.2)  # a known duration, so the microseconds between the probe and clock readings are noise
         return {"bandwidth_bytes_s": machine.bandwidth, "method": "stand-in", "threads": threads}
 
-    monkeypatch.setattr(roofline, "measure_bandwidth", bandwidth)
-    monkeypatch.setattr(roofline, "measure_matmul", lambda threads: {"flops_s": machine.flops})
+    monkeypatch.setattr(calibration, "measure_bandwidth", bandwidth)
+    monkeypatch.setattr(calibration, "measure_matmul", lambda threads: {"flops_s": machine.flops})
 
     def in_process(target, payload, log_path, on_event=lambda _m: None, **_kwargs):
         machine.calls += 1
-        return WorkerOutcome(ok=True, result=roofline.calibrate_worker(payload, on_event))
+        return WorkerOutcome(ok=True, result=calibration.calibrate_worker(payload, on_event))
 
     monkeypatch.setattr(process, "run_in_worker", in_process)
     messages: list[str] = []
 
     machine.load, machine.bandwidth = 1.5, 5.8e9  # the issue's contended 1-thread calibration
-    loaded = roofline.machine_profile(1, emit=messages.append)
+    loaded = calibration.machine_profile(1, emit=messages.append)
     assert loaded["provisional"] is True and loaded["contention"] == pytest.approx(1.5, rel=0.05)
-    assert roofline.cached_profile(1) is None and not (tmp_path / roofline.PROFILE_FILE).exists()
+    assert calibration.cached_profile(1) is None and not (tmp_path / calibration.PROFILE_FILE).exists()
     assert any("other processes used 1.5" in m for m in messages) and any("not cached" in m for m in messages)
-    assert "PROVISIONAL" in roofline.calibration_note(loaded)
+    assert "PROVISIONAL" in calibration.calibration_note(loaded)
 
-    roofline.machine_profile(1)  # nothing clean is cached: measured again
+    calibration.machine_profile(1)  # nothing clean is cached: measured again
     assert machine.calls == 2
 
     machine.load, machine.bandwidth = 0.0, 12e9
-    clean = roofline.machine_profile(1)
+    clean = calibration.machine_profile(1)
     assert "provisional" not in clean and clean["contention"] < 0.25
-    assert roofline.cached_profile(1)["bandwidth"]["bandwidth_bytes_s"] == 12e9
-    assert roofline.machine_profile(1) == roofline.cached_profile(1) and machine.calls == 3  # cached: not measured
+    assert calibration.cached_profile(1)["bandwidth"]["bandwidth_bytes_s"] == 12e9
+    assert calibration.machine_profile(1) == calibration.cached_profile(1) and machine.calls == 3  # cached: not measured
 
     machine.bandwidth, machine.flops = 9e9, 60e9  # a slower bandwidth reading, a faster matmul one
-    again = roofline.machine_profile(1, refresh=True)
+    again = calibration.machine_profile(1, refresh=True)
     assert again["bandwidth"]["bandwidth_bytes_s"] == 12e9 and again["matmul"]["flops_s"] == 60e9
-    assert again["calibrations"] == 2 and roofline.cached_profile(1) == again
+    assert again["calibrations"] == 2 and calibration.cached_profile(1) == again
 
     messages.clear()
     machine.load, machine.bandwidth = 0.9, 30e9  # faster, but measured under contention: discarded
-    kept = roofline.machine_profile(1, refresh=True, emit=messages.append)
+    kept = calibration.machine_profile(1, refresh=True, emit=messages.append)
     assert kept["bandwidth"]["bandwidth_bytes_s"] == 12e9 and kept["discarded_contention"] == pytest.approx(0.9, rel=0.05)
-    assert roofline.cached_profile(1)["bandwidth"]["bandwidth_bytes_s"] == 12e9
+    assert calibration.cached_profile(1)["bandwidth"]["bandwidth_bytes_s"] == 12e9
     assert any("other processes used 0.9" in m for m in messages)
-    assert "discarded" in roofline.calibration_note(kept)
+    assert "discarded" in calibration.calibration_note(kept)
 
 
 def test_a_calibration_stored_before_contention_was_recorded_is_measured_again(monkeypatch, tmp_path) -> None:
     import json
 
-    from workbench import roofline
+    from workbench.planning import machine as calibration
 
-    monkeypatch.setattr(roofline, "workbench_home", lambda: tmp_path)
+    monkeypatch.setattr(calibration, "workbench_home", lambda: tmp_path)
     legacy = {"bandwidth": {"bandwidth_bytes_s": 5.8e9}, "matmul": {"flops_s": 1e9}, "measured_at": "then"}
-    (tmp_path / roofline.PROFILE_FILE).write_text(json.dumps({roofline._profile_key(1): legacy}))
-    assert roofline.cached_profile(1) is None
+    (tmp_path / calibration.PROFILE_FILE).write_text(json.dumps({calibration._profile_key(1): legacy}))
+    assert calibration.cached_profile(1) is None

@@ -9,17 +9,17 @@ from typing import Callable
 
 
 def allocate_and_report(payload: dict, emit: Callable[[str], None]) -> dict:
-    """Touch a known number of bytes inside a PeakMemory block and report what the tracker saw."""
+    """Touch a known number of bytes and report how far the process's peak RSS rose above the RSS before."""
     import numpy as np
 
-    from workbench.metrics.memory import PeakMemory, peak_rss_bytes
+    from workbench.metrics.memory import current_rss_bytes, peak_rss_bytes
 
-    with PeakMemory() as tracker:
-        block = np.ones(payload["bytes"], dtype=np.uint8)  # ones, so every page is really touched
-        emit(f"allocated {block.nbytes}")
-        del block
-    return {"added_bytes": tracker.added_bytes, "peak_rss_bytes": tracker.peak_rss_bytes,
-            "process_peak_rss_bytes": peak_rss_bytes()}
+    before = current_rss_bytes()
+    block = np.ones(payload["bytes"], dtype=np.uint8)  # ones, so every page is really touched
+    emit(f"allocated {block.nbytes}")
+    del block
+    peak = peak_rss_bytes()
+    return {"added_bytes": peak - before, "process_peak_rss_bytes": peak}
 
 
 def raise_error(payload: dict, emit: Callable[[str], None]) -> None:

@@ -10,5 +10,6 @@ methods and runtimes that need them.
 
 __version__ = "0.1.0"
 
-# Bumped when the on-disk layout of cached artifacts changes, so old cache entries are not reused.
-ARTIFACT_FORMAT = 3  # bumped when a method's output changes for the same options, so older cached artifacts are rebuilt
+# Part of every artifact's cache key: raised when a method's output changes for the same options (or the
+# artifact layout changes), so older cached artifacts are rebuilt instead of reused.
+ARTIFACT_FORMAT = 3

@@ -1,4 +1,4 @@
-"""Command line: `python -m workbench run PRESET | list-methods | history | export RUN_ID`."""
+"""Command line: `python -m workbench COMMAND`; `python -m workbench --help` lists the commands (workbench/cli.py)."""
 
 from workbench.cli import main
 

@@ -185,7 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if speed_note(result):
         print(speed_note(result))
-    from workbench.planner import estimate_vs_actual
+    from workbench.planning.planner import estimate_vs_actual
     from workbench.roofline import roofline_text
 
     for text in (roofline_text(result), estimate_vs_actual(result)):
@@ -263,7 +263,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from workbench.planner import plan_preset_file, plan_text
+    from workbench.planning.planner import plan_preset_file, plan_text
     from workbench.presets import load_preset
 
     preset = load_preset(args.preset)

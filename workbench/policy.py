@@ -161,18 +161,13 @@ def enforce(preset: Any, mode: Mode, estimate: bool = True) -> None:
         raise PolicyError(reasons)
 
 
-def looks_local(model: str) -> bool:
-    """A model string that names a file or folder rather than a hub id or the bundled model."""
-    if model.startswith("bundled:"):
-        return False
-    return Path(model).expanduser().exists() or model.startswith(("/", ".", "~")) or model.endswith(".gguf")
-
-
 def path_fields(preset: Any) -> Iterator[tuple[str, str]]:
     """(where, value) of every file-naming field in the preset that holds a path rather than a keyword."""
     from workbench.methods.registry import get_method, method_names
 
-    if looks_local(preset.model):
+    from workbench.sources import classify_model
+
+    if classify_model(preset.model).is_local:
         yield "model", preset.model
     yield from _marked(preset.eval, "", "eval.")
     for variant in preset.variants:
@@ -289,7 +284,7 @@ def _stage_caps(name: str, method: str, options: dict[str, Any], mode: Mode) -> 
 
 def _model_refusals(preset: Any, mode: Mode) -> list[str]:
     """Checks that read the model's config (never its weights): size cap, group sizes, the planner's time."""
-    from workbench.modelshape import ShapeError, read_shape
+    from workbench.planning.modelshape import ShapeError, read_shape
 
     try:
         shape, _info = read_shape(preset.model, preset.trust_remote_code)
@@ -306,7 +301,7 @@ def _model_refusals(preset: Any, mode: Mode) -> list[str]:
                        f"{_count(mode.cap('params'))} (WORKBENCH_MAX_PARAMS)")  # type: ignore[arg-type]
     if reasons or mode.cap("plan_minutes") is None:
         return reasons
-    from workbench.planner import plan_preset_file
+    from workbench.planning.planner import plan_preset_file
 
     try:
         plans, _context = plan_preset_file(preset, emit=lambda _m: None)

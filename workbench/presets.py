@@ -1,4 +1,4 @@
-"""The preset schema (ARCHITECTURE §2.1): pydantic models with extra="forbid", loaded from YAML.
+"""The preset schema (docs/architecture.md §5): pydantic models with extra="forbid", loaded from YAML.
 
 A preset names one model, the measurement protocol and the variants to build. Every method name
 and every option is checked against the method registry before anything heavy loads, so a typo

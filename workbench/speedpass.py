@@ -41,11 +41,11 @@ def speed_pass_worker(payload: dict, emit: Callable[[str], None]) -> dict:
     try:
         for variant in payload["variants"]:
             emit(f"loading {variant['name']}")
-            extra = {"n_ctx": spec["prompt_tokens"] + spec["new_tokens"] + 8} if variant["runtime"] == "llamacpp" else {}
             loaded[variant["name"]] = load_variant(variant["runtime"], name=variant["name"],
                                                    artifact_path=Path(variant["artifact_path"]), device=device,
                                                    threads=payload["threads"],
-                                                   trust_remote_code=payload["trust_remote_code"], **extra)
+                                                   trust_remote_code=payload["trust_remote_code"],
+                                                   n_ctx=spec["prompt_tokens"] + spec["new_tokens"] + 8)
         emit(f"timing {len(loaded)} variants round-robin")
         result = interleaved_latency({name: v.generate for name, v in loaded.items()}, payload["baseline"], prompt,
                                      spec["new_tokens"], spec["warmup"], spec["repeats"], target_ci=spec.get("target_ci"),

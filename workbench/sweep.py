@@ -49,11 +49,9 @@ def run_sweep(
     from workbench.store import History
 
     History().close()  # migrate once here, before several threads open the database at once
-    try:
-        from workbench.roofline import machine_profile
-    except ImportError:  # a tree without the roofline planner: nothing to calibrate
-        machine_profile = None
-    for threads in sorted({p.threads for p in presets}) if machine_profile else ():
+    from workbench.planning.machine import machine_profile
+
+    for threads in sorted({p.threads for p in presets}):
         machine_profile(threads)  # once here, so concurrent runs do not race on the profile file
     names = [p.name for p in presets]
     runs = [SweepRun(p, p.name if names.count(p.name) == 1 else f"{p.name}@{p.model}") for p in presets]

@@ -17,6 +17,8 @@ from workbench.environment import library_versions
 from workbench.methods.base import BuildContext
 from workbench.methods.registry import get_method
 from workbench.paths import artifacts_dir
+from workbench.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult, RuntimeInfo, StageBuild
+from workbench.runtimes.base import Variant
 
 Emit = Callable[[str], None]
 
@@ -42,129 +44,104 @@ def stage_material(source_fingerprint: str, stages: list[dict], index: int, vers
 
 
 def build_artifact(payload: dict, emit: Emit) -> dict:
-    """Apply the variant's stages in order, each cached under a key of everything that shaped it."""
+    """Apply the variant's stages in order, each cached under a key of everything that shaped it.
+
+    `payload` is a `BuildRequest.to_payload()`; the result a `BuildResult.to_payload()` (handoff.py).
+    """
     from workbench.runtimes.torch import pick_device
 
     import torch
 
-    torch.set_num_threads(payload["threads"])
-    device = pick_device(payload["device"])
-    ctx = BuildContext(device=device, threads=payload["threads"], trust_remote_code=payload["trust_remote_code"],
-                       emit=emit, source_gguf=payload.get("source_gguf"), source_dir=payload["source_dir"])
-    current = Path(payload["source_dir"])
+    request = BuildRequest.from_payload(payload)
+    torch.set_num_threads(request.threads)
+    device = pick_device(request.device)
+    ctx = BuildContext(device=device, threads=request.threads, trust_remote_code=request.trust_remote_code,
+                       emit=emit, source_gguf=request.source_gguf, source_dir=request.source_dir)
+    current = Path(request.source_dir)
     versions = library_versions()
-    stages_done = []
-    for index, stage in enumerate(payload["stages"]):
+    stages_done: list[StageBuild] = []
+    for index, stage in enumerate(request.stages):
         method = get_method(stage["method"])()
         options = method.Options.model_validate(stage["options"])
         if method.reuses_input(current, options):
-            stages_done.append({"method": method.name, "artifact_path": str(current), "cached": True, "build_s": 0.0})
+            stages_done.append(StageBuild(method.name, str(current), cached=True, build_s=0.0))
             continue
-        material = stage_material(payload["source_fingerprint"], payload["stages"], index, versions, device)
+        material = stage_material(request.source_fingerprint, request.stages, index, versions, device)
         started = time.perf_counter()
         folder, cached = cached_folder(
             artifacts_dir(), key_hash(material),
             lambda out, m=method, o=options, src=current: m.build(src, out, o, ctx),
-            material, use_cache=payload["use_cache"], emit=emit,
+            material, use_cache=request.use_cache, emit=emit,
         )
-        stages_done.append({"method": method.name, "artifact_path": str(folder), "cached": cached,
-                            "build_s": None if cached else time.perf_counter() - started,
-                            "report": _stage_report(folder)})
+        stages_done.append(StageBuild(method.name, str(folder), cached,
+                                      None if cached else time.perf_counter() - started, _stage_report(folder)))
         current = folder
-    labels = [get_method(s["method"]).honesty for s in payload["stages"]]
-    return {"artifact_path": str(current), "stages": stages_done, "honesty": _combined_honesty(labels),
-            "runtime": get_method(payload["stages"][-1]["method"]).runtime}
+    labels = [get_method(s["method"]).honesty for s in request.stages]
+    return BuildResult(str(current), stages_done, _combined_honesty(labels),
+                       get_method(request.stages[-1]["method"]).runtime).to_payload()
 
 
 def measure_variant(payload: dict, emit: Emit) -> dict:
-    """Load the artifact, then measure latency, samples, peak memory, quality and sparsity, in that order."""
-    from workbench.metrics.latency import measure_latency, pin_threads
+    """Load the artifact, then measure latency, samples, peak memory, quality and sparsity, in that order.
 
+    `payload` is a `MeasureRequest.to_payload()`; the result a `MeasureResult.to_payload()` (handoff.py).
+    """
+    from workbench.metrics.latency import pin_threads
+
+    request = MeasureRequest.from_payload(payload)
     # Before torch and the runtime start their thread pools, so every thread they create inherits the mask.
-    pinned = pin_threads(payload["threads"]) if payload["latency"].get("pin_threads", True) else None
+    pinned = pin_threads(request.threads) if request.latency.pin_threads else None
     import torch
 
     from workbench.metrics.memory import gpu_peak_bytes, peak_rss_bytes
-    from workbench.metrics.quality import QUALITY_METRICS, evaluate_quality
+    from workbench.metrics.quality import QUALITY_METRICS
     from workbench.metrics.sparsity import sparsity_report
+    from workbench.roofline import weights_read
     from workbench.runtimes import load_variant
     from workbench.runtimes.torch import pick_device
-    from workbench.validity import with_bos
 
-    threads = payload["threads"]
-    torch.set_num_threads(threads)
-    device = pick_device(payload["device"])
-    tokens = json.loads(Path(payload["eval_tokens_path"]).read_text())
-
-    latency_spec = payload["latency"]
-    # llama.cpp sizes its context up front: the longest sequence this protocol feeds it.
-    extra = {"n_ctx": max(payload["context"], latency_spec["prompt_tokens"] + latency_spec["new_tokens"],
-                          512 + payload["samples"]["new_tokens"])} if payload["runtime"] == "llamacpp" else {}
+    torch.set_num_threads(request.threads)
+    device = pick_device(request.device)
+    tokens = json.loads(Path(request.eval_tokens_path).read_text())
+    latency_spec = request.latency
+    # The longest sequence this protocol feeds (llama.cpp sizes its context up front).
+    n_ctx = max(request.context, latency_spec.prompt_tokens + latency_spec.new_tokens, 512 + request.samples.new_tokens)
     emit("loading")
     started = time.perf_counter()
-    variant = load_variant(payload["runtime"], name=payload["name"], artifact_path=Path(payload["artifact_path"]),
-                           device=device, threads=threads, trust_remote_code=payload["trust_remote_code"], **extra)
+    variant = load_variant(request.runtime, name=request.name, artifact_path=Path(request.artifact_path), device=device,
+                           threads=request.threads, trust_remote_code=request.trust_remote_code, n_ctx=n_ctx)
     load_s = time.perf_counter() - started
 
-    details: dict = {}
     emit("latency")
-    if hasattr(variant, "reset_perf_counters"):
-        variant.reset_perf_counters()
-    latency_detail: dict = {}
-    bos_id = payload.get("bos_id")
-    latency = measure_latency(variant.generate, with_bos(tokens[: latency_spec["prompt_tokens"]], bos_id), latency_spec["new_tokens"],
-                              latency_spec["warmup"], latency_spec["repeats"], target_ci=latency_spec.get("target_ci"),
-                              max_seconds=latency_spec.get("max_seconds", 60.0),
-                              max_repeats=latency_spec.get("max_repeats", 500), detail=latency_detail)
-    details["latency"] = latency_detail
-    if hasattr(variant, "perf_counters"):  # the engine's own clock, beside the wall-clock figures
-        counters = variant.perf_counters()
-        details["engine_perf"] = {**counters, "scope": "warm-up and timed latency runs",
-                                  "decode_tok_s": counters["eval_tokens"] / counters["eval_ms"] * 1000 if counters["eval_ms"] else None}
-
+    latency, latency_detail, engine_perf = _timed_latency(variant, tokens, request)
     # Weight bytes as they sit in memory while the model runs: taken after the first forward passes, because
     # some formats (compressed-tensors' packed GPTQ/AWQ weights on CPU) unpack to float on first use.
     footprint = variant.footprint()
 
     emit("samples")
-    samples = [_sample(variant, prompt, payload["samples"]["new_tokens"]) for prompt in payload["samples"]["prompts"]]
+    samples = [_sample(variant, prompt, request.samples.new_tokens) for prompt in request.samples.prompts]
 
     # Peak memory of serving: load, generation and samples. The perplexity pass below holds
     # full-vocabulary float64 buffers and writes the baseline's log-prob file: measuring overhead.
     peak_rss, gpu_peak = peak_rss_bytes(), gpu_peak_bytes(device)
 
     emit("perplexity and divergence")
-    context, stride = payload["context"], payload["stride"]
-    reference_allowed = True
-    if hasattr(variant, "tokenizer_agreement"):
-        agreement = variant.tokenizer_agreement(tokens)
-        details["tokenizer_agreement"] = agreement
-        # Same vocabulary means same size and the file's tokenizer reproducing the ids; otherwise logits
-        # of "the same id" need not mean the same token, and KLD / top-1 would compare unlike things.
-        reference_allowed = agreement["vocab_matching_fraction"] == 1.0
-    progress = lambda i, n: emit(f"perplexity window {i}/{n}")  # noqa: E731
-    if payload.get("write_reference"):
-        # The baseline writes the reference log-probs, then scores a second, independent forward pass
-        # against them: its KLD / top-1 then check run-to-run determinism and the reference file itself.
-        reference = Path(payload["write_reference"])
-        evaluate_quality(variant.logits, tokens, context, stride, write_reference=reference, on_window=progress,
-                         bos_id=bos_id)
-        quality = evaluate_quality(variant.logits, tokens, context, stride, reference=reference, on_window=progress,
-                                   bos_id=bos_id)
-    else:
-        reference = Path(payload["reference"]) if payload.get("reference") and reference_allowed else None
-        quality = evaluate_quality(variant.logits, tokens, context, stride, reference=reference, on_window=progress,
-                                   bos_id=bos_id)
+    agreement = variant.tokenizer_agreement(tokens)
+    # Same vocabulary means same size and the file's tokenizer reproducing the ids; otherwise logits
+    # of "the same id" need not mean the same token, and KLD / top-1 would compare unlike things.
+    reference_allowed = agreement is None or agreement["vocab_matching_fraction"] == 1.0
+    quality = _quality(variant, tokens, request, reference_allowed, emit)
 
     lm_eval_figures: dict = {}
-    if payload.get("lm_eval"):
+    if request.lm_eval is not None:
         from workbench.lmeval.harness import run_tasks
 
         emit("lm-eval tasks")
-        spec = payload["lm_eval"]
-        lm_eval_figures = run_tasks(variant, spec["tasks"], spec["limit"], spec["batch_size"], device, bos_id=bos_id)
+        spec = request.lm_eval
+        lm_eval_figures = run_tasks(variant, spec.tasks, spec.limit, spec.batch_size, device, bos_id=request.bos_id)
 
-    sparsity, layers = (sparsity_report(variant.weight_matrices()) if hasattr(variant, "weight_matrices") else (None, []))
+    matrices = variant.weight_matrices()
+    sparsity, layers = sparsity_report(matrices) if matrices is not None else (None, [])
     metrics = {
         "disk_bytes": footprint.disk_bytes,
         "weight_bytes": footprint.weight_bytes,
@@ -176,42 +153,71 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
         **{k: quality[k] for k in QUALITY_METRICS},
         **{k: v for k, v in lm_eval_figures.items() if k.startswith("lm_eval.")},
     }
-    paired, paired_notes = _paired_with_baseline(payload, samples, lm_eval_figures, reference_allowed)
+    paired, paired_notes = _paired_with_baseline(request, samples, lm_eval_figures, reference_allowed)
     metrics.update(paired)
-    from workbench.roofline import weights_read
-
     read = weights_read(variant)  # what one decoded token reads, for the roofline
+    threads_used = variant.threads_used(request.threads)
     variant.close()
-    return {
-        "weights_read": read,
-        "metrics": metrics,
-        "layers": layers,
-        "samples": samples,
-        "quality_detail": {**{k: quality[k] for k in ("nll_mean", "scored_tokens")},
-                           "divergence_note": quality["divergence_note"] or (
-                               None if reference_allowed else "the GGUF file's vocabulary differs from the source tokenizer's: "
-                               "KLD / top-1 / delta-p not computed"),
-                           "lm_eval_error": lm_eval_figures.get("lm_eval_error"),
-                           "ppl_ratio_note": quality["ppl_ratio_note"],
-                           "kld_storage_bound": quality["kld_storage_bound"], **paired_notes},
-        "runtime": {"name": payload["runtime"], "threads": threads if payload["runtime"] != "torch" else torch.get_num_threads(),
-                    "device": device, "pinned_cpus": pinned},
-        **details,
-    }
+    quality_detail = {
+        **{k: quality[k] for k in ("nll_mean", "scored_tokens")},
+        "divergence_note": quality["divergence_note"] or (
+            None if reference_allowed else "the GGUF file's vocabulary differs from the source tokenizer's: "
+            "KLD / top-1 / delta-p not computed"),
+        "lm_eval_error": lm_eval_figures.get("lm_eval_error"),
+        "ppl_ratio_note": quality["ppl_ratio_note"],
+        "kld_storage_bound": quality["kld_storage_bound"], **paired_notes}
+    return MeasureResult(metrics=metrics, layers=layers, samples=samples, quality_detail=quality_detail,
+                         runtime=RuntimeInfo(request.runtime, threads_used, device, pinned), weights_read=read,
+                         latency=latency_detail, engine_perf=engine_perf, tokenizer_agreement=agreement).to_payload()
 
 
-def _sample(variant, prompt: str, new_tokens: int) -> dict:
-    ids = variant.chat_ids(prompt) if hasattr(variant, "chat_ids") else list(variant.tokenizer(prompt)["input_ids"])
-    eos = variant.eos_ids() if hasattr(variant, "eos_ids") else set()
+def _timed_latency(variant: Variant, tokens: list[int], request: MeasureRequest) -> tuple[dict, dict, dict | None]:
+    """(latency metrics, per-repeat detail, the engine's own clock over the same runs or None)."""
+    from workbench.metrics.latency import measure_latency
+    from workbench.validity import with_bos
+
+    spec = request.latency
+    variant.reset_perf_counters()
+    detail: dict = {}
+    latency = measure_latency(variant.generate, with_bos(tokens[: spec.prompt_tokens], request.bos_id), spec.new_tokens,
+                              spec.warmup, spec.repeats, target_ci=spec.target_ci, max_seconds=spec.max_seconds,
+                              max_repeats=spec.max_repeats, detail=detail)
+    counters = variant.perf_counters()
+    engine_perf = None if counters is None else {  # the engine's own clock, beside the wall-clock figures
+        **counters, "scope": "warm-up and timed latency runs",
+        "decode_tok_s": counters["eval_tokens"] / counters["eval_ms"] * 1000 if counters["eval_ms"] else None}
+    return latency, detail, engine_perf
+
+
+def _quality(variant: Variant, tokens: list[int], request: MeasureRequest, reference_allowed: bool, emit: Emit) -> dict:
+    """Perplexity, and divergence from the baseline's stored log-probs when there are comparable ones."""
+    from workbench.metrics.quality import evaluate_quality
+
+    progress = lambda i, n: emit(f"perplexity window {i}/{n}")  # noqa: E731
+    context, stride, bos_id = request.context, request.stride, request.bos_id
+    if request.write_reference:
+        # The baseline writes the reference log-probs, then scores a second, independent forward pass
+        # against them: its KLD / top-1 then check run-to-run determinism and the reference file itself.
+        reference = Path(request.write_reference)
+        evaluate_quality(variant.logits, tokens, context, stride, write_reference=reference, on_window=progress,
+                         bos_id=bos_id)
+    else:
+        reference = Path(request.reference) if request.reference and reference_allowed else None
+    return evaluate_quality(variant.logits, tokens, context, stride, reference=reference, on_window=progress,
+                            bos_id=bos_id)
+
+
+def _sample(variant: Variant, prompt: str, new_tokens: int) -> dict:
+    eos = variant.eos_ids()
     output: list[int] = []
-    for token in variant.generate(ids, new_tokens):
+    for token in variant.generate(variant.chat_ids(prompt), new_tokens):
         if token in eos:
             break
         output.append(token)
-    return {"prompt": prompt, "output": variant.tokenizer.decode(output, skip_special_tokens=True), "output_ids": output}
+    return {"prompt": prompt, "output": variant.decode(output), "output_ids": output}
 
 
-def _paired_with_baseline(payload: dict, samples: list[dict], lm_eval_figures: dict,
+def _paired_with_baseline(request: MeasureRequest, samples: list[dict], lm_eval_figures: dict,
                           same_vocab: bool) -> tuple[dict, dict]:
     """Flips per lm-eval task and generation agreement against the baseline's items (metrics/agreement.py).
 
@@ -223,17 +229,17 @@ def _paired_with_baseline(payload: dict, samples: list[dict], lm_eval_figures: d
 
     outputs = [s["output_ids"] for s in samples]
     items = lm_eval_figures.get("lm_eval_items") or {}
-    tasks = list(items) or (payload["lm_eval"]["tasks"] if payload.get("lm_eval") else [])
+    tasks = list(items) or (request.lm_eval.tasks if request.lm_eval else [])
     metrics: dict = {"samples_exact_match": None, "samples_first_diff_mean": None,
                      **{f"lm_eval.{task}.{key}": None for task in tasks for key in FLIP_KEYS}}
     notes: dict = {}
     if items:  # the evidence behind the flips: this variant's per-item correctness, {task: {doc_id: correct}}
         notes["lm_eval_items"] = items
-    if payload.get("write_reference"):
-        write_items(items_path(Path(payload["write_reference"])), items, outputs)
+    if request.write_reference:
+        write_items(items_path(Path(request.write_reference)), items, outputs)
         notes["paired_note"] = "this is the baseline: flips and generation agreement are measured against it"
         return metrics, notes
-    baseline = read_items(items_path(Path(payload["reference"]))) if payload.get("reference") else None
+    baseline = read_items(items_path(Path(request.reference))) if request.reference else None
     if baseline is None:
         notes["paired_note"] = "no baseline items (the baseline failed or was not measured): flips and agreement are null"
         return metrics, notes

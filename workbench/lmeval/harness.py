@@ -1,8 +1,9 @@
 """Run lm-eval tasks on an already loaded variant and return flat `lm_eval.<task>.<metric>` figures.
 
-Torch variants go through lm-eval's own HFLM given the loaded model object (no second load). A
-failure inside lm-eval (a task that needs a hub offline, an unsupported runtime) leaves only these
-metrics null, with the reason, never the variant.
+The variant supplies its lm-eval model (`Variant.lm_eval_model`: lm-eval's own HFLM around a loaded
+torch model, the workbench's adapter for llama.cpp), so nothing loads twice. A failure inside lm-eval
+(a task that needs a hub offline, a runtime without an lm-eval model) leaves only these metrics null,
+with the reason, never the variant.
 """
 
 from __future__ import annotations
@@ -10,11 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-
-def available_tasks() -> list[str]:
-    from workbench.lmeval.tasks import local_task_configs
-
-    return sorted(local_task_configs())
+from workbench.runtimes.base import Variant
 
 
 def task_specs(names: list[str]) -> list[Any]:
@@ -23,17 +20,6 @@ def task_specs(names: list[str]) -> list[Any]:
 
     local = local_task_configs()
     return [local.get(name, name) for name in names]
-
-
-def lm_for(variant: Any, device: str, batch_size: int, bos_id: int | None = None) -> Any:
-    if hasattr(variant, "model") and hasattr(variant.model, "config"):  # a transformers model object
-        from lm_eval.models.huggingface import HFLM
-
-        return HFLM(pretrained=variant.model, tokenizer=variant.tokenizer, device=device, batch_size=batch_size,
-                    add_bos_token=bos_id is not None)
-    if hasattr(variant, "lm_eval_adapter"):
-        return variant.lm_eval_adapter(bos_id)
-    raise RuntimeError(f"no lm-eval adapter for the {type(variant).__name__} runtime")
 
 
 def item_correctness(samples: dict[str, list[dict]]) -> dict[str, dict[str, bool]]:
@@ -49,7 +35,7 @@ def item_correctness(samples: dict[str, list[dict]]) -> dict[str, dict[str, bool
     return items
 
 
-def run_tasks(variant: Any, tasks: list[str], limit: int | None, batch_size: int, device: str,
+def run_tasks(variant: Variant, tasks: list[str], limit: int | None, batch_size: int, device: str,
               bos_id: int | None = None) -> dict[str, Any]:
     """{'lm_eval.<task>.<metric>': value, ...}, `lm_eval_items` ({task: {doc_id: correct}}) and `lm_eval_error`.
 
@@ -59,7 +45,7 @@ def run_tasks(variant: Any, tasks: list[str], limit: int | None, batch_size: int
         from lm_eval import simple_evaluate
 
         os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ.get("HF_HUB_OFFLINE", "0"))
-        results = simple_evaluate(model=lm_for(variant, device, batch_size, bos_id), tasks=task_specs(tasks), limit=limit,
+        results = simple_evaluate(model=variant.lm_eval_model(device, batch_size, bos_id), tasks=task_specs(tasks), limit=limit,
                                   log_samples=True, bootstrap_iters=1000, random_seed=0)
     except Exception as exc:  # lm-eval's own failure: only its metrics become null
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

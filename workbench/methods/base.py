@@ -1,16 +1,24 @@
-"""What every compression method provides: typed options, an honesty label and a build step.
+"""What every compression method provides: typed options, an honesty label, a build step, and its estimates.
 
 A method turns one artifact folder (a Hugging Face model folder) into another. Heavy libraries are
 imported inside `build`, never at module import, so listing methods and validating presets is quick.
+
+Everything other code needs to know about a method is declared on its class, so the planner and the
+size estimator (workbench/planning/) hold no method names: option defaults live in its `Options`
+model, which options name files in its path fields (pathfield.py), and its estimates in `reshape`,
+`estimate_size`, `estimate_build_s` and `skips_build`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from workbench.planning.modelshape import ModelShape
 
 Honesty = Literal["real-kernel", "simulated", "dense-with-zeros"]
 # What a stage's output folder is, so a pipeline can be checked before anything runs:
@@ -22,6 +30,7 @@ Honesty = Literal["real-kernel", "simulated", "dense-with-zeros"]
 #   "gguf"      a GGUF file for llama.cpp
 ArtifactKind = Literal["hf", "quantized", "custom", "gguf"]
 LOADER_FILE = "workbench_loader.json"
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class MethodOptions(BaseModel):
@@ -51,6 +60,46 @@ class BuildContext:
     source_dir: str | None = None  # the source's HF folder: a stage whose input is this folder sees the unmodified source
 
 
+@dataclass
+class SizeInput:
+    """What a method's weight-size estimate starts from."""
+
+    shape: "ModelShape"  # after the earlier stages' `reshape`
+    rest: str  # float dtype of the weights this stage leaves as they are
+    notes: list[str]  # the method appends the caveats of its estimate
+    gguf_files: dict[str, str]  # GGUF files by name ('source': the preset model's own file), for gguf-file
+
+    def dense_bytes(self, dtype: str | None = None) -> int:
+        return self.shape.params() * DTYPE_BYTES[dtype or self.rest]
+
+    def embedding_bytes(self, dtype: str | None = None) -> int:
+        return self.shape.embedding_params() * DTYPE_BYTES[dtype or self.rest]
+
+
+@dataclass
+class SizeEstimate:
+    weight_bytes: int  # bytes held in memory while the variant runs (what `Footprint.weight_bytes` measures)
+    format: str  # a short label: fp32, bnb-int8 (+fp32 rest), gguf Q4_K_M, ...
+    family: str  # key of the planner's speed and memory tables: a float dtype, bnb-int8, bnb-4bit or gguf
+    embedding_bytes: int | None = None  # the input embedding table as stored; None: dense in the float dtype
+
+
+@dataclass
+class BuildSpeed:
+    """This machine's speeds as build-time estimates use them (from planning/machine.py)."""
+
+    flops_s: float  # FLOP/s a method's own forward passes reach (below the calibrated matmul's)
+    disk_bytes_s: float  # reading and writing safetensors
+    source_bytes: int  # the source model's weights as stored
+
+    def io_s(self) -> float:
+        """Load the source and save a model of its size."""
+        return 2 * self.source_bytes / self.disk_bytes_s
+
+    def forward_s(self, tokens: int, params: int) -> float:
+        return tokens * 2 * params / self.flops_s
+
+
 class Method:
     name: ClassVar[str]
     summary: ClassVar[str]
@@ -66,6 +115,31 @@ class Method:
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         raise NotImplementedError
+
+    # ---- estimates, before anything loads (workbench/planning/) ---------------------------------------------
+
+    def reshape(self, shape: "ModelShape", rest: str, options: MethodOptions) -> tuple["ModelShape", str]:
+        """The shape and float dtype of this stage's output, for the stages after it (default: unchanged)."""
+        return shape, rest
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        """Weight bytes of a variant whose last stage is this method (`size.shape` is already reshaped)."""
+        size.notes.append(f"no size model for '{self.name}': dense {size.rest} assumed")
+        return SizeEstimate(size.dense_bytes(), f"{self.name} (dense?)", size.rest)
+
+    def estimate_build_s(self, options: MethodOptions, shape: "ModelShape", speed: BuildSpeed) -> float:
+        """Seconds this stage's build takes on top of the worker's start-up (default: load, a light pass, save)."""
+        return speed.io_s() + shape.params() * 1e-8
+
+    def skips_build(self, source_dtype: str, options: MethodOptions) -> bool:
+        """True when, as the only stage, the source folder itself is this method's output (nothing to build)."""
+        return False
+
+
+def dense_with_zeros(name: str, size: SizeInput) -> SizeEstimate:
+    """Pruned weights kept dense: the zeros take the bytes of the values they replaced."""
+    size.notes.append("zeros stored densely: same bytes as the dense model")
+    return SizeEstimate(size.dense_bytes(), f"{name} ({size.rest}, dense zeros)", size.rest)
 
 
 def load_and_save(input_dir: Path, out_dir: Path, ctx: BuildContext, **load_kwargs: Any) -> None:

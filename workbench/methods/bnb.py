@@ -6,13 +6,18 @@ scales), so its disk bytes are the real checkpoint's, and loading it runs bnb's 
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field
 
 from workbench.errors import WorkbenchError
-from workbench.methods.base import BuildContext, Method, MethodOptions, load_and_save
+from workbench.methods.base import DTYPE_BYTES, BuildContext, Method, MethodOptions, SizeEstimate, SizeInput, load_and_save
+
+if TYPE_CHECKING:
+    from workbench.planning.modelshape import ModelShape
 
 
 class Int8Options(MethodOptions):
@@ -58,6 +63,36 @@ class _BnbMethod(Method):
         load_and_save(input_dir, out_dir, ctx, quantization_config=self.quantization_config(options),
                       device_map={"": ctx.device})
 
+
+def quantized_linears(shape: "ModelShape", skip: list[str] | None) -> list[tuple[str, str, int, int, int]]:
+    """The decoder Linears a bnb quantizer converts: all but those matching skip patterns (the head is never one)."""
+    patterns = [re.compile(p) for p in (skip or [])]
+    return [row for row in shape.linears() if not any(p.search(row[0]) for p in patterns)]
+
+
+def int8_bytes(shape: "ModelShape", rest_bytes: int, skip: list[str] | None) -> int:
+    """int8 weights, a float32 scale per output row (SCB) and a one-byte weight_format per quantized Linear;
+    everything else (embeddings, head, norms) stays in the float dtype."""
+    quantized = quantized_linears(shape, skip)
+    q_params = sum(i * o for *_, i, o in quantized)
+    return (shape.params() - q_params) * rest_bytes + q_params + sum(4 * o + 1 for *_, o in quantized)
+
+
+def four_bit_bytes(shape: "ModelShape", rest_bytes: int, skip: list[str] | None, double_quant: bool) -> int:
+    """Packed nibbles + absmax per 64 values (uint8 with a float32 per 256 blocks and a 256-entry code book under
+    double quant, else float32) + a 16-entry code book and the serialized quant state per tensor."""
+    quantized = quantized_linears(shape, skip)
+    total = (shape.params() - sum(i * o for *_, i, o in quantized)) * rest_bytes
+    for *_, i, o in quantized:
+        n = i * o
+        blocks = math.ceil(n / 64)
+        total += math.ceil(n / 2) + 16 * 4  # packed nibbles, the 16-value code book
+        if double_quant:  # absmax as uint8, one float32 absmax per 256 blocks, a 256-value nested code book, the state
+            total += blocks + 4 * math.ceil(blocks / 256) + 256 * 4 + 168
+        else:
+            total += 4 * blocks + 78
+    return total
+
 class BnbInt8(_BnbMethod):
     name = "bnb-int8"
     summary = "LLM.int8(): 8-bit weights with 16-bit outlier columns (bitsandbytes)."
@@ -69,6 +104,11 @@ class BnbInt8(_BnbMethod):
         return BitsAndBytesConfig(
             load_in_8bit=True, llm_int8_threshold=options.threshold, llm_int8_skip_modules=options.skip_modules
         )
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        assert isinstance(options, Int8Options)
+        nbytes = int8_bytes(size.shape, DTYPE_BYTES[size.rest], options.skip_modules)
+        return SizeEstimate(nbytes, f"bnb-int8 (+{size.rest} rest)", "bnb-int8")
 
 
 class _FourBit(_BnbMethod):
@@ -86,6 +126,12 @@ class _FourBit(_BnbMethod):
             bnb_4bit_compute_dtype=getattr(torch, options.compute_dtype),
             llm_int8_skip_modules=options.skip_modules,
         )
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        assert isinstance(options, FourBitOptions)
+        nbytes = four_bit_bytes(size.shape, DTYPE_BYTES[size.rest], options.skip_modules, options.double_quant)
+        dq = " dq" if options.double_quant else ""
+        return SizeEstimate(nbytes, f"{self.quant_type}{dq} (+{size.rest} rest)", "bnb-4bit")
 
 
 class BnbNF4(_FourBit):

@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from workbench.errors import WorkbenchError
-from workbench.methods.base import BuildContext, Method, MethodOptions
+from workbench.methods.base import BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput
+
+if TYPE_CHECKING:
+    from workbench.planning.modelshape import ModelShape
 
 
 class DistillOptions(MethodOptions):
@@ -31,6 +34,10 @@ class DistillOptions(MethodOptions):
     batch_size: int = Field(4, gt=0, description="Sequences per step.")
     learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     seed: int = Field(0, description="Seed for initial choices and batch order.")
+
+
+def student_layer_count(options: DistillOptions, teacher_layers: int) -> int:
+    return options.student_layers or max(1, teacher_layers // 2)  # the option's documented default: half
 
 
 def _kept_layers(teacher_layers: int, student_layers: int) -> list[int]:
@@ -134,6 +141,18 @@ class Distill(Method):
     Options = DistillOptions
     honesty = "real-kernel"
 
+    def reshape(self, shape: "ModelShape", rest: str, options: MethodOptions) -> tuple["ModelShape", str]:
+        assert isinstance(options, DistillOptions)
+        return shape.shrunk(layers=student_layer_count(options, shape.layers),
+                            intermediate=options.intermediate_size), rest
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        return SizeEstimate(size.dense_bytes(), f"{self.name} ({size.rest}, smaller shape)", size.rest)
+
+    def estimate_build_s(self, options: MethodOptions, shape: "ModelShape", speed: BuildSpeed) -> float:
+        assert isinstance(options, DistillOptions)
+        return speed.io_s() + options.time_budget_s  # training stops at its wall-clock budget
+
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -146,7 +165,7 @@ class Distill(Method):
                                                        trust_remote_code=ctx.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code)
         config = teacher.config
-        layers = options.student_layers or max(1, config.num_hidden_layers // 2)
+        layers = student_layer_count(options, config.num_hidden_layers)
         width = options.intermediate_size or config.intermediate_size
         student = build_student(teacher, layers, width)
         tokens = tokenizer(pydoc_calibration_text(), add_special_tokens=False)["input_ids"]

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-from workbench.methods.base import BuildContext, Method, MethodOptions, NoOptions, load_and_save
+from workbench.methods.base import (BuildContext, Method, MethodOptions, NoOptions, SizeEstimate, SizeInput,
+                                    load_and_save)
+
+if TYPE_CHECKING:
+    from workbench.planning.modelshape import ModelShape
 
 
 def stored_dtype(model_dir: Path) -> str | None:
@@ -28,6 +32,15 @@ class _DtypeMethod(Method):
 
         ctx.emit(f"casting weights to {self.dtype}")
         load_and_save(input_dir, out_dir, ctx, dtype=getattr(torch, self.dtype))
+
+    def reshape(self, shape: "ModelShape", rest: str, options: MethodOptions) -> tuple["ModelShape", str]:
+        return shape, self.dtype
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        return SizeEstimate(size.dense_bytes(), self.name, size.rest)
+
+    def skips_build(self, source_dtype: str, options: MethodOptions) -> bool:
+        return source_dtype == self.dtype
 
 
 class FP32(_DtypeMethod):

@@ -17,15 +17,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
 from workbench.calibration import CalibrationSpec
 from workbench.errors import WorkbenchError
 from workbench.gguf_info import GGUF_NAME, check_gguf_readable, gguf_summary
-from workbench.methods.base import BuildContext, Method, MethodOptions
+from workbench.methods.base import BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput
 from workbench.pathfield import path_field
+
+if TYPE_CHECKING:
+    from workbench.planning.modelshape import ModelShape
 
 QuantType = Literal[
     "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0",
@@ -218,6 +221,22 @@ def quantize_gguf(source: Path, target: Path, quant: str, threads: int, pure: bo
     del keep
 
 
+def convert_and_quantize_s(shape: "ModelShape", speed: BuildSpeed) -> float:
+    """One conversion to GGUF: the converter subprocess (its own imports), an F16 write and a quantize pass."""
+    return speed.io_s() + 3.0 + quantize_pass_s(shape, speed)
+
+
+def quantize_pass_s(shape: "ModelShape", speed: BuildSpeed) -> float:
+    return shape.params() * 2 / speed.disk_bytes_s + shape.params() * 3e-8
+
+
+def imatrix_s(spec: CalibrationSpec | None, shape: "ModelShape", speed: BuildSpeed) -> float:
+    """Forward passes of the float model over the calibration tokens, plus a load; 0 without an imatrix."""
+    if spec is None:
+        return 0.0
+    return speed.io_s() / 2 + speed.forward_s(spec.samples * spec.seq_len, shape.params())
+
+
 class GGUF(Method):
     name = "gguf"
     summary = "Convert to GGUF with llama.cpp's converter and quantize (Q8_0 ... Q2_K, K-quants, I-quants); runs on llama.cpp."
@@ -264,6 +283,27 @@ class GGUF(Method):
             converted.unlink()
         _finish(out_dir, input_dir, ctx, options.n_gpu_layers, report, extra)
 
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        """llama.cpp's tensor-type mix for this shape (gguf_plan), with its fallbacks and overrides."""
+        from workbench.planning.gguf_plan import DEFAULT_TYPE, predict, token_embd_bytes
+
+        assert isinstance(options, GGUFOptions)
+        quant = options.quant
+        if quant not in DEFAULT_TYPE:
+            size.notes.append(f"{quant}: no llama.cpp mix rules here; F16 assumed")
+            quant = "F16"
+        overrides = options.tensor_types
+        mix = predict(size.shape, quant, options.pure, imatrix=options.imatrix is not None, overrides=overrides)
+        size.notes.extend(mix["notes"])
+        label = f"gguf {quant}" + (" imatrix" if options.imatrix is not None else "") + (" +overrides" if overrides else "")
+        if overrides:
+            size.notes.append(f"tensor types after overrides: {', '.join(f'{t} x{n}' for t, n in mix['tensor_types'].items())}")
+        return SizeEstimate(mix["tensor_bytes"], label, "gguf", token_embd_bytes(size.shape, quant))
+
+    def estimate_build_s(self, options: MethodOptions, shape: "ModelShape", speed: BuildSpeed) -> float:
+        assert isinstance(options, GGUFOptions)
+        return convert_and_quantize_s(shape, speed) + imatrix_s(options.imatrix, shape, speed)
+
 
 class GGUFFile(Method):
     name = "gguf-file"
@@ -286,3 +326,17 @@ class GGUFFile(Method):
         # A link, not a copy: GGUF files can be many GB; the cache manifest still checksums the target.
         (out_dir / GGUF_NAME).symlink_to(path)
         _finish(out_dir, input_dir, ctx, options.n_gpu_layers, {"requested": "as shipped", "file": str(path)})
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        """Read from the file's own tensor table when it is there."""
+        assert isinstance(options, GGUFFileOptions)
+        path = size.gguf_files.get(options.path) or options.path
+        if path and Path(path).is_file():
+            from workbench.roofline import gguf_weights_read
+
+            summary = gguf_summary(Path(path))
+            size.notes.append(f"read from the file: {summary['bits_per_weight']:.2f} bits/weight")
+            return SizeEstimate(summary["tensor_bytes"], f"gguf file ({summary['bits_per_weight']:.2f} bpw)", "gguf",
+                                gguf_weights_read(Path(path))["embedding_bytes"])
+        size.notes.append("GGUF file not found: fp16-sized guess")
+        return SizeEstimate(size.dense_bytes("float16"), "gguf file", "gguf")

@@ -23,7 +23,7 @@ import json
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -31,10 +31,13 @@ from pydantic import Field, model_validator
 from workbench.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
 from workbench.gguf_info import GGUF_NAME
-from workbench.methods.base import BuildContext, Method, MethodOptions
-from workbench.methods.gguf import (TENSOR_TYPES_NEEDING_IMATRIX, TensorType, _finish, convert_to_gguf, imatrix_for,
-                                    quantize_gguf)
+from workbench.methods.base import BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput
+from workbench.methods.gguf import (TENSOR_TYPES_NEEDING_IMATRIX, TensorType, _finish, convert_and_quantize_s,
+                                    convert_to_gguf, imatrix_for, imatrix_s, quantize_gguf, quantize_pass_s)
 from workbench.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
+
+if TYPE_CHECKING:
+    from workbench.planning.modelshape import ModelShape
 
 SENSITIVITY_DEFAULT = CalibrationSpec(samples=2, seq_len=256, text="pydoc", seed=1)
 # Any quantized file type: every matrix gets its type from an override, so this only makes llama.cpp
@@ -358,3 +361,34 @@ class GGUFAuto(Method):
             "allocation": "exact dynamic programming over the measured table (units' KLDs assumed additive)",
         }
         _finish(out_dir, input_dir, ctx, options.n_gpu_layers, {"requested": "auto", **timings}, extra)
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        """The budget, within what the candidates can make: the chosen mix is known only after measuring, and
+        it fills the budget from below; a budget under the smallest possible file is refused at build time."""
+        from workbench.planning.gguf_plan import auto_floor
+
+        assert isinstance(options, GGUFAutoOptions)
+        shape, candidates = size.shape, list(options.candidates)
+        parameters = sum(nx * ny for *_, nx, ny in shape.gguf_tensors())
+        if options.target_mb is not None:
+            budget, label = int(options.target_mb * 1e6), f"{options.target_mb:g} MB"
+        else:
+            budget, label = int(float(options.target_bpw or 0) * parameters / 8), f"{options.target_bpw} bpw"
+        floor = auto_floor(shape, candidates)
+        ceiling = auto_floor(shape, candidates, pick=max)
+        size.notes.append(f"gguf-auto fills a {label} budget ({budget / 1e6:.1f} MB of tensors) from candidates "
+                          f"{', '.join(candidates)}: at most the budget")
+        if budget < floor:
+            size.notes.append(f"the budget is below the smallest file these candidates make ({floor / 1e6:.1f} MB): "
+                              "the build will refuse it")
+        return SizeEstimate(min(max(budget, floor), ceiling), f"gguf-auto {label}", "gguf")
+
+    def estimate_build_s(self, options: MethodOptions, shape: "ModelShape", speed: BuildSpeed) -> float:
+        """One conversion, one quantize pass per candidate, one forward per (unit, candidate) on the sensitivity tokens."""
+        assert isinstance(options, GGUFAutoOptions)
+        n_candidates = len(options.candidates)
+        tokens = options.sensitivity.samples * options.sensitivity.seq_len
+        units = shape.layers + (1 if shape.tied else 2)
+        return (convert_and_quantize_s(shape, speed) + imatrix_s(options.imatrix, shape, speed)
+                + n_candidates * quantize_pass_s(shape, speed)
+                + n_candidates * units * (speed.forward_s(tokens, shape.params()) + shape.params() * 2e-9))

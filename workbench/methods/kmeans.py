@@ -13,14 +13,18 @@ not faster or smaller in memory).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from workbench.methods.base import BuildContext, Method, MethodOptions, write_custom_loader
+from workbench.methods.base import (BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput,
+                                    write_custom_loader)
 from workbench.methods.weights import (INCLUDE_LM_HEAD, TARGETS, Targets, load_float_model, load_tensors,
                                        model_from_config, plain_state, save_config, save_tensors, save_tokenizer,
                                        target_linears, write_report)
+
+if TYPE_CHECKING:
+    from workbench.planning.modelshape import ModelShape
 
 WEIGHTS_FILE = "kmeans.safetensors"
 
@@ -149,6 +153,16 @@ class KMeans(Method):
     honesty = "simulated"
     accepts = frozenset({"hf"})
     produces = "custom"
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        """The loader rebuilds dense float32 weights from codebook[indices], so memory holds float32."""
+        size.notes.append("codebook + packed ceil(log2 k)-bit indices on disk; rebuilt as dense float32 when loaded")
+        return SizeEstimate(size.dense_bytes("float32"), "kmeans (float32 when loaded)", "float32")
+
+    def estimate_build_s(self, options: MethodOptions, shape: "ModelShape", speed: BuildSpeed) -> float:
+        """Linear in k, as Lloyd's assignment step is (a rough constant, not fitted on measured builds)."""
+        assert isinstance(options, KMeansOptions)
+        return speed.io_s() + shape.linear_params() * 10 * options.k * 2e-10
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         import torch

@@ -10,15 +10,20 @@ workbench/calibration.py and never overlap the evaluation text.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
 from workbench.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
-from workbench.methods.base import BuildContext, Method, MethodOptions, check_sparsity
+from workbench.methods.base import (DTYPE_BYTES, BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput,
+                                    check_sparsity, dense_with_zeros)
+
+if TYPE_CHECKING:
+    from workbench.planning.modelshape import ModelShape
 
 _CANDIDATE_GROUPS = (16, 32, 64, 128, 256)
 
@@ -151,6 +156,36 @@ class _LLMCompressorMethod(Method):
         (out_dir / "stage_report.json").write_text(json.dumps({
             "calibration": describe(options.calibration), "recipe": [type(m).__name__ for m in recipe],
         }))
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        if not self.saves_compressed:
+            return dense_with_zeros(self.name, size)
+        assert isinstance(options, QuantOptions)
+        return packed_int_estimate(self.name, options, size)
+
+    def estimate_build_s(self, options: MethodOptions, shape: "ModelShape", speed: BuildSpeed) -> float:
+        """Three forward passes' worth of the calibration tokens through the Linears, plus a per-layer solve."""
+        assert isinstance(options, _Calibrated)
+        tokens = options.calibration.samples * options.calibration.seq_len
+        return (speed.io_s() + 3 * speed.forward_s(tokens, shape.linear_params())
+                + shape.layers * shape.hidden**3 * 8 / speed.flops_s)
+
+
+def packed_int_estimate(name: str, options: QuantOptions, size: SizeInput) -> SizeEstimate:
+    """compressed-tensors stores packed int32 words, a scale per group of each row and packed zero points when
+    asymmetric (everything else in the float dtype); on CPU it unpacks them to that dtype when the model runs,
+    so memory holds dense bytes."""
+    shape, rest = size.shape, size.rest
+    bits, group = options.bits, options.group_size
+    total = (shape.params() - shape.linear_params()) * DTYPE_BYTES[rest]
+    for *_, i, o in shape.linears():
+        groups = o * (math.ceil(i / group) if group else 1)
+        total += math.ceil(i * bits / 32) * o * 4 + groups * DTYPE_BYTES[rest] + 16  # packed rows, scales, shape
+        if not options.symmetric:
+            total += math.ceil(groups * bits / 32) * 4
+    size.notes.append(f"{bits}-bit packed on disk (~{total / 1e6:.0f} MB); on CPU compressed-tensors unpacks to {rest} "
+                      "at the first forward, so dense bytes in memory")
+    return SizeEstimate(size.dense_bytes(), f"{name} int{bits} g{group} ({rest} in use)", rest)
 
 
 def _oneshot(model: Any, tokenizer: Any, sequences: list[list[int]], recipe: list) -> None:

@@ -14,15 +14,19 @@ from __future__ import annotations
 
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, model_validator
 
 from workbench.errors import WorkbenchError
-from workbench.methods.base import BuildContext, Method, MethodOptions, write_custom_loader
+from workbench.methods.base import (DTYPE_BYTES, BuildContext, Method, MethodOptions, SizeEstimate, SizeInput,
+                                    write_custom_loader)
 from workbench.methods.weights import (INCLUDE_LM_HEAD, TARGETS, Targets, load_float_model, load_tensors,
                                        model_from_config, plain_state, save_config, save_tensors, save_tokenizer,
                                        set_module, target_linears, write_report)
+
+if TYPE_CHECKING:
+    from workbench.planning.modelshape import ModelShape
 
 WEIGHTS_FILE = "lowrank.safetensors"
 DEFAULT_ENERGY = 0.95
@@ -131,6 +135,20 @@ class LowRank(Method):
     honesty = "real-kernel"
     accepts = frozenset({"hf"})
     produces = "custom"
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        """Factorised layers hold r * (in + out) values; a layer where that saves nothing stays dense."""
+        assert isinstance(options, LowRankOptions)
+        shape, rest = size.shape, size.rest
+        if options.rank is None:
+            size.notes.append("lowrank by energy: each layer's rank comes from its SVD, unknown before the build; "
+                              "dense bytes assumed (an upper bound)")
+            return SizeEstimate(size.dense_bytes(), f"lowrank ({rest})", rest)
+        linear = 0
+        for _hf, gg, _layer, i, o in shape.linears():
+            targeted = options.targets == "linear" or (options.targets == "mlp") == gg.startswith("ffn")
+            linear += min(options.rank * (i + o), i * o) if targeted else i * o
+        return SizeEstimate((shape.params() - shape.linear_params() + linear) * DTYPE_BYTES[rest], f"lowrank ({rest})", rest)
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         assert isinstance(options, LowRankOptions)

@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from workbench.methods.base import BuildContext, Method, MethodOptions, check_sparsity
+from workbench.methods.base import BuildContext, Method, MethodOptions, SizeEstimate, SizeInput, check_sparsity, dense_with_zeros
 from workbench.methods.weights import (INCLUDE_LM_HEAD, TARGETS, Targets, load_float_model, save_hf,
                                        target_linears, write_report)
 
@@ -44,6 +44,9 @@ class Magnitude(Method):
     honesty = "dense-with-zeros"
     accepts = frozenset({"hf"})
     produces = "hf"
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        return dense_with_zeros(self.name, size)
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         import torch

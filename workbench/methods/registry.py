@@ -40,6 +40,14 @@ def method_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def register_method(name: str, target: str) -> None:
+    """Add a method at run time ("module:Class"), e.g. one defined in a test; the registry above lists the
+    project's own. Worker processes import only the registry above, so such a method plans and validates
+    in this process."""
+    _REGISTRY[name] = target
+    get_method.cache_clear()
+
+
 @cache
 def get_method(name: str) -> "type[Method]":
     module_name, attr = _REGISTRY[name].split(":")

@@ -12,12 +12,16 @@ fewer FLOPs). Channels are ranked by their activations on calibration text times
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from workbench.errors import WorkbenchError
-from workbench.methods.base import BuildContext, Method, MethodOptions
+from workbench.methods.base import BuildContext, Method, MethodOptions, SizeEstimate, SizeInput
+
+if TYPE_CHECKING:
+    from workbench.planning.modelshape import ModelShape
 from workbench.methods.weights import load_float_model, save_hf, write_report
 
 
@@ -162,6 +166,16 @@ class Structured(Method):
     honesty = "real-kernel"
     accepts = frozenset({"hf"})
     produces = "hf"
+
+    def reshape(self, shape: "ModelShape", rest: str, options: MethodOptions) -> tuple["ModelShape", str]:
+        """Whole MLP channels and whole KV-head groups removed in every layer."""
+        assert isinstance(options, StructuredOptions)
+        kv = shape.kv_heads - round(options.heads_fraction * shape.kv_heads)
+        return replace(shape, intermediate=shape.intermediate - round(options.mlp_fraction * shape.intermediate),
+                       kv_heads=kv, heads=kv * (shape.heads // max(1, shape.kv_heads))), rest
+
+    def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
+        return SizeEstimate(size.dense_bytes(), f"{self.name} ({size.rest}, smaller shape)", size.rest)
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         import torch

@@ -18,12 +18,12 @@ import numpy as np
 
 from workbench.cache import folder_bytes
 from workbench.gguf_info import GGUF_NAME, check_gguf_file, gguf_summary
-from workbench.runtimes.base import Footprint, chat_token_ids
+from workbench.runtimes.base import Footprint, Variant
 
 BATCH = 512  # tokens per llama.cpp decode call; longer windows go in several calls
 
 
-class LlamaCppVariant:
+class LlamaCppVariant(Variant):
     def __init__(self, name: str, llm: Any, tokenizer: Any, artifact_path: Path, summary: dict[str, Any]):
         self.name = name
         self.llm = llm
@@ -147,10 +147,13 @@ class LlamaCppVariant:
     def eos_ids(self) -> set[int]:
         return {int(i) for i in (self.llm.token_eos(), self.tokenizer.eos_token_id) if i is not None and i >= 0}
 
-    def chat_ids(self, prompt: str) -> list[int]:
-        return chat_token_ids(self.tokenizer, prompt)
+    def weights_read(self) -> dict[str, Any]:
+        from workbench.roofline import gguf_weights_read
 
-    def lm_eval_adapter(self, bos_id: int | None = None) -> Any:
+        return gguf_weights_read(self.artifact_path / GGUF_NAME)
+
+    def lm_eval_model(self, device: str, batch_size: int, bos_id: int | None = None) -> Any:
+        """The workbench's own lm-eval adapter over `logits` (lm-eval has no llama.cpp class for token ids)."""
         from workbench.lmeval.adapter import VariantLM
 
         return VariantLM(self, max_length=min(self.llm.n_ctx(), 2048), bos_id=bos_id)

@@ -10,7 +10,7 @@ import torch
 
 from workbench.cache import folder_bytes
 from workbench.errors import PresetError
-from workbench.runtimes.base import Footprint, chat_token_ids
+from workbench.runtimes.base import Footprint, Variant
 
 
 def pick_device(requested: str) -> str:
@@ -22,7 +22,7 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-class TorchVariant:
+class TorchVariant(Variant):
     def __init__(self, name: str, model: Any, tokenizer: Any, artifact_path: Path, device: str):
         self.name = name
         self.model = model
@@ -31,9 +31,9 @@ class TorchVariant:
         self.device = device
 
     @classmethod
-    def load(
-        cls, name: str, artifact_path: Path, device: str, threads: int, trust_remote_code: bool = False
-    ) -> "TorchVariant":
+    def load(cls, name: str, artifact_path: Path, device: str, threads: int, trust_remote_code: bool = False,
+             n_ctx: int = 2048) -> "TorchVariant":
+        """`n_ctx` is not needed: the KV cache grows as tokens come."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from workbench.methods.base import custom_loader
@@ -85,12 +85,28 @@ class TorchVariant:
             yield name, dense_weight(module)
 
     def eos_ids(self) -> set[int]:
+        """The generation config's end tokens (chat models end a turn with their own) and the tokenizer's."""
         ids = self.model.generation_config.eos_token_id if self.model.generation_config else None
         ids = ids if isinstance(ids, list) else [ids]
         return {int(i) for i in ids + [self.tokenizer.eos_token_id] if i is not None}
 
-    def chat_ids(self, prompt: str) -> list[int]:
-        return chat_token_ids(self.tokenizer, prompt)
+    def threads_used(self, requested: int) -> int:
+        return torch.get_num_threads()  # torch's own pool size, which it may cap below the request
+
+    def weights_read(self) -> dict[str, Any]:
+        embedding = self.model.get_input_embeddings().weight
+        output = self.model.get_output_embeddings()
+        tied = output is not None and getattr(output, "weight", None) is not None \
+            and output.weight.data_ptr() == embedding.data_ptr()
+        return {"embedding_bytes": embedding.numel() * embedding.element_size(), "embedding_rows": embedding.shape[0],
+                "tied": bool(tied)}
+
+    def lm_eval_model(self, device: str, batch_size: int, bos_id: int | None = None) -> Any:
+        """lm-eval's own HFLM around the loaded model object."""
+        from lm_eval.models.huggingface import HFLM
+
+        return HFLM(pretrained=self.model, tokenizer=self.tokenizer, device=device, batch_size=batch_size,
+                    add_bos_token=bos_id is not None)
 
     def close(self) -> None:
         self.model = None

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.sources import BUNDLED
+from workbench.sources import classify_model
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "presets"
 
@@ -33,9 +33,7 @@ def limits() -> Limits:
 
 def check_model_allowed(model: str, lim: Limits) -> None:
     """Local paths only inside allowed folders, none at all in shared mode; say which folders are allowed."""
-    from workbench.policy import looks_local
-
-    if model == BUNDLED or not looks_local(model):
+    if not classify_model(model).is_local:
         return  # the bundled model or a hub id
     if lim.shared:
         raise WorkbenchError("local paths are disabled in shared mode; use the bundled model or a hub id")
@@ -88,7 +86,7 @@ def display_table(run: dict[str, Any], budget_gb: float | None = None):
 
 
 def figures(run: dict[str, Any] | None, budget_gb: float | None = None) -> list[Any]:
-    """The five comparison charts (empty ones before a run); variants over budget are greyed in the size chart."""
+    """One comparison chart per entry of plots.CHARTS (empty ones before a run); variants over budget are greyed in the size chart."""
     import plotly.graph_objects as go
 
     from workbench.plots import CHARTS

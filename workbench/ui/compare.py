@@ -159,7 +159,7 @@ def _run_and_stream(runner: Any, preset: Any, events: queue.Queue, budget_gb: fl
 def check_model_size(preset: Any, lim: Any) -> None:
     """The size cap (WORKBENCH_MAX_PARAMS; 5e8 in shared mode) is checked from the model's config alone,
     before anything downloads or loads."""
-    from workbench.modelshape import read_shape
+    from workbench.planning.modelshape import read_shape
 
     params = read_shape(preset.model, preset.trust_remote_code)[0].params()
     if params > lim.max_model_params:
@@ -172,8 +172,8 @@ def _count(n: float) -> str:
 
 
 def plan_preset_markdown(yaml_text: str, budget_gb: float | None) -> str:
-    """Estimated weights, peak memory and time of every variant, from the model config alone (planner.py)."""
-    from workbench.planner import plan_markdown, plan_preset_file
+    """Estimated weights, peak memory and time of every variant, from the model config alone (planning/planner.py)."""
+    from workbench.planning.planner import plan_markdown, plan_preset_file
 
     try:
         preset = gated_preset(yaml_text)  # the Plan button reads nothing the Run button would refuse
@@ -255,9 +255,8 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
     plots = [gr.Plot(label=label) for label in CHART_LABELS]
 
     def load_preset_text(name: str) -> str:
-        path = PRESETS_DIR / f"{name}.yaml"
-        saved = workbench_home() / "presets" / f"{name}.yaml"
-        return (path if path.is_file() else saved).read_text() if (path.is_file() or saved.is_file()) else ""
+        path = PRESETS_DIR / f"{name}.yaml"  # the picker lists presets/ only (preset_names)
+        return path.read_text() if path.is_file() else ""
 
     def save_preset(name: str, text: str) -> str:
         if not name or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:

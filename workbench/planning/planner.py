@@ -5,7 +5,7 @@
 Weights: the parameter count from the model's config (or GGUF metadata) times the bits per weight
 of the variant's format, with each format's real overheads (bitsandbytes row scales and 4-bit absmax
 blocks, the llama.cpp tensor-type mix via `gguf_plan`). Time: this machine's measured matmul speed
-and memory bandwidth (`roofline.machine_profile`) scaled by FLOPs and bytes per token of each
+and memory bandwidth (`planning/machine.py`) scaled by FLOPs and bytes per token of each
 protocol step, with per-format efficiencies fitted on quickstart runs. The weight figure is
 usually within a few percent; the time figure is a rough guide (expect +-50 %, more on a busy
 machine). Every run stores the estimate beside the measured figures so the error stays visible.
@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from workbench.modelshape import ModelShape
-from workbench.weightsize import DTYPE_BYTES, METHOD_DTYPES, WeightEstimate, estimate_weights
+from workbench.planning.modelshape import ModelShape
+from workbench.methods.base import DTYPE_BYTES, BuildSpeed
+from workbench.planning.weightsize import WeightEstimate, estimate_weights, stage_methods
 
 # Forward throughput relative to the calibrated 1024^3 float32 matmul (prefill, perplexity windows), and
 # the fixed cost per decoder layer of one decode step (python, dispatch, dequantization), per format family.
@@ -89,39 +90,14 @@ def estimate_measure_s(est: WeightEstimate, protocol: dict[str, Any], profile: d
 
 
 def estimate_build_s(stages: list[dict[str, Any]], shape: ModelShape, profile: dict[str, Any]) -> float:
-    """Seconds to build every stage: start-up, load, transform, save (a stage that reuses its input costs 0)."""
-    total = profile["import_s"]
-    float_bytes = shape.params() * DTYPE_BYTES.get(shape.dtype, 4)
-    flops_s = profile["matmul"]["flops_s"] * 0.25
-    for stage in stages:
-        method, options = stage["method"], stage.get("options") or {}
-        if method in METHOD_DTYPES and METHOD_DTYPES[method] == shape.dtype and len(stages) == 1:
-            return 0.0
-        io = 2 * float_bytes / DISK_BYTES_S
-        if method in ("gguf", "gguf-auto"):  # converter subprocess (its own imports), F16 write, quantize pass
-            total += io + 3.0 + shape.params() * 2 / DISK_BYTES_S + shape.params() * 3e-8
-            calib = options.get("imatrix")
-            if calib:  # forward passes of the float model over the calibration tokens, plus a load
-                tokens = calib.get("samples", 32) * calib.get("seq_len", 256)
-                total += io / 2 + tokens * 2 * shape.params() / flops_s
-            if method == "gguf-auto":  # one quantize pass per candidate, one forward per (block, candidate)
-                n_candidates = len(options.get("candidates") or range(7))
-                sens = options.get("sensitivity") or {}
-                tokens = sens.get("samples", 2) * sens.get("seq_len", 256)
-                units = shape.layers + (1 if shape.tied else 2)
-                total += n_candidates * (shape.params() * 2 / DISK_BYTES_S + shape.params() * 3e-8) \
-                    + n_candidates * units * (tokens * 2 * shape.params() / flops_s + shape.params() * 2e-9)
-        elif method == "distill":
-            total += io + float(options.get("time_budget_s", 120.0))
-        elif method in ("gptq", "awq", "sparsegpt", "wanda"):
-            calib = options.get("calibration") or {}
-            tokens = calib.get("samples", 16) * calib.get("seq_len", 512)
-            total += io + 3 * tokens * 2 * shape.linear_params() / flops_s + shape.layers * shape.hidden**3 * 8 / flops_s
-        elif method == "kmeans":
-            total += io + shape.linear_params() * options.get("iterations", 10) * 2 ** options.get("bits", 4) * 2e-10
-        else:
-            total += io + shape.params() * 1e-8
-    return total
+    """Seconds to build every stage: start-up, then each method's own estimate (a source reused as it is costs 0)."""
+    pairs = stage_methods(stages)
+    if len(pairs) == 1 and pairs[0][0].skips_build(shape.dtype, pairs[0][1]):
+        return 0.0
+    # A method's own passes reach about a quarter of the calibrated 1024^3 matmul's speed.
+    speed = BuildSpeed(flops_s=profile["matmul"]["flops_s"] * 0.25, disk_bytes_s=DISK_BYTES_S,
+                       source_bytes=shape.params() * DTYPE_BYTES.get(shape.dtype, 4))
+    return profile["import_s"] + sum(method.estimate_build_s(options, shape, speed) for method, options in pairs)
 
 
 def protocol_of(preset: Any) -> dict[str, Any]:
@@ -180,7 +156,8 @@ def cached_variants(preset: Any, fingerprint: str | None, device: str, source_dt
     found = {}
     for spec in preset.variants:
         stages = [s.model_dump() for s in spec.stages()]
-        if len(stages) == 1 and METHOD_DTYPES.get(stages[0]["method"]) == source_dtype:
+        pairs = stage_methods(stages)
+        if len(pairs) == 1 and pairs[0][0].skips_build(source_dtype, pairs[0][1]):
             found[spec.name] = True  # the source folder itself: nothing to build
         elif fingerprint is None:
             found[spec.name] = False
@@ -192,7 +169,7 @@ def cached_variants(preset: Any, fingerprint: str | None, device: str, source_dt
 
 def plan_for_run(preset: Any, prep: dict[str, Any], profile: dict[str, Any] | None, use_cache: bool = True) -> list[VariantPlan]:
     """The runner's plan, made once the source is prepared (its config.json exists)."""
-    from workbench.modelshape import shape_from_folder
+    from workbench.planning.modelshape import shape_from_folder
 
     source = prep["source"]
     shape = shape_from_folder(Path(source["hf_dir"]))
@@ -211,46 +188,35 @@ def over_budget(plans: list[VariantPlan], budget_gb: float | None) -> list[str]:
 # ---- the command line: `python -m workbench plan PRESET` and the run summary --------------------------------
 
 
-def _source_state(model: str, info: dict[str, Any]) -> tuple[str | None, str | None]:
+def _source_state(model: str) -> tuple[str | None, str | None]:
     """(the fingerprint the runner will key artifacts by, a note when the source still needs preparing)."""
-    from workbench.cache import file_sha256, key_hash
-    from workbench.paths import sources_dir
+    from workbench.sources import classify_model, source_cache_state
 
-    if info.get("gguf_file"):
-        from workbench.sources import _versions
-
-        fingerprint = "sha256:" + file_sha256(Path(info["gguf_file"]))
-        folder = sources_dir() / ("gguf-" + key_hash({"gguf": fingerprint, "converter": _versions()}))
-        note = None if (folder / "manifest.json").is_file() else \
-            "the GGUF source is converted to an fp32 folder first (once; about 20-40 s per 100 M parameters)"
-        return fingerprint, note
-    if info["kind"] == "hub":
-        return "hf-commit:" + Path(info["hf_dir"]).name, None
-    folder = Path(info["hf_dir"])
-    if sum(p.stat().st_size for p in folder.rglob("*.safetensors")) > 4e9:
-        return None, None  # hashing would take longer than the plan is worth; cache state unknown
-    from workbench.sources import _folder_fingerprint
-
-    return "sha256:" + _folder_fingerprint(folder), None
+    ref = classify_model(model)
+    # Hashing a very large local folder would take longer than the plan is worth: its cache state stays unknown.
+    fingerprint, prepared = source_cache_state(ref, max_hash_bytes=4e9)
+    note = None if prepared or ref.kind not in ("bundled", "gguf") else \
+        "the GGUF source is converted to an fp32 folder first (once; about 20-40 s per 100 M parameters)"
+    return fingerprint, note
 
 
 def plan_preset_file(preset: Any, recalibrate: bool = False, emit: Any = print) -> tuple[list[VariantPlan], dict[str, Any]]:
     """Plan a preset with nothing prepared: shape from config.json or GGUF metadata, this machine's profile."""
-    from workbench.modelshape import read_shape
-    from workbench.roofline import machine_profile
+    from workbench.planning.modelshape import read_shape
+    from workbench.planning.machine import machine_profile
     from workbench.runtimes.torch import pick_device
 
     device = pick_device(preset.device)  # a cuda preset on a CPU machine is refused before anything is read
     shape, info = read_shape(preset.model, preset.trust_remote_code)
     profile = machine_profile(preset.threads, refresh=recalibrate, emit=emit)
-    fingerprint, prepare_note = _source_state(preset.model, info)
+    fingerprint, prepare_note = _source_state(preset.model)
     cached = cached_variants(preset, fingerprint, device, shape.dtype)
     plans = plan_preset(preset, shape, profile, device, {"source": info.get("gguf_file")}, cached)
     return plans, {"shape": shape, "profile": profile, "device": device, "prepare": prepare_note}
 
 
 def plan_text(preset: Any, plans: list[VariantPlan], context: dict[str, Any], budget_gb: float | None) -> str:
-    from workbench.roofline import calibration_note
+    from workbench.planning.machine import calibration_note
 
     shape, profile = context["shape"], context["profile"]
     lines = [f"Plan for '{preset.name}' on {preset.model}: {shape.params() / 1e6:.1f} M parameters "

@@ -178,17 +178,21 @@ def shape_from_gguf(path: Path) -> ModelShape:
 
 def read_shape(model: str, trust_remote_code: bool = False) -> tuple[ModelShape, dict[str, Any]]:
     """(shape, where it came from) for a preset's `model`, reading no weights and converting nothing."""
-    from workbench.sources import BUNDLED, bundled_gguf_path, hub_reachable
+    from workbench.sources import bundled_gguf_path, classify_model, hub_reachable
 
-    if model == BUNDLED:
+    ref = classify_model(model)
+    if ref.kind == "bundled":
         gguf_path = bundled_gguf_path()
         return shape_from_gguf(gguf_path), {"kind": "bundled", "gguf_file": str(gguf_path)}
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return shape_from_gguf(path), {"kind": "gguf", "gguf_file": str(path.resolve())}
-    if path.is_dir():
-        return shape_from_folder(path), {"kind": "local", "hf_dir": str(path.resolve())}
-    if model.startswith(("/", ".", "~", "bundled:")) or model.endswith(".gguf"):
+    if ref.kind == "gguf":
+        assert ref.path is not None
+        return shape_from_gguf(ref.path), {"kind": "gguf", "gguf_file": str(ref.path.resolve())}
+    if ref.kind == "folder":
+        assert ref.path is not None
+        return shape_from_folder(ref.path), {"kind": "local", "hf_dir": str(ref.path.resolve())}
+    if ref.kind == "other-file":
+        raise ShapeError(f"cannot read the configuration of {model}: it is neither a model folder nor a .gguf file")
+    if ref.kind != "hub":
         raise ShapeError(f"cannot read the configuration of {model}: no such file or folder")
     from huggingface_hub import hf_hub_download
 

@@ -41,11 +41,6 @@ def block(type_name: str) -> tuple[int, int]:
     return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
 
 
-def nominal_bpw(type_name: str) -> float:
-    size, nbytes = block(type_name)
-    return nbytes * 8 / size
-
-
 def tensor_bytes(type_name: str, n_elements: int) -> int:
     size, nbytes = block(type_name)
     return n_elements // size * nbytes
@@ -175,3 +170,14 @@ def auto_floor(shape: Any, candidates: list[str], pick: Any = min) -> int:
     for tensors in units.values():
         total += pick(sum(tensor_bytes(fallback(c, nx), nx * ny) for nx, ny in tensors) for c in candidates)
     return total
+
+
+def token_embd_bytes(shape: Any, quant: str) -> int:
+    """Bytes of token_embd as llama.cpp's quantizer will store it for file type `quant`."""
+    if quant in ("F32", "F16", "BF16"):
+        return tensor_bytes(DEFAULT_TYPE[quant], shape.vocab * shape.hidden)
+    base = DEFAULT_TYPE[quant]
+    chosen = _type_for("token_embd", -1, shape.layers, quant, base, shape.hidden, not shape.tied, 1)
+    if shape.hidden % block(chosen)[0]:
+        chosen = FALLBACK.get(chosen, "F16")
+    return tensor_bytes(chosen, shape.vocab * shape.hidden)

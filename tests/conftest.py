@@ -11,9 +11,11 @@ import yaml
 
 TINY_VARIANT_DEFAULTS = {
     "eval": {"text": "pydoc", "max_tokens": 384, "context": 128, "stride": 128},
-    # A short timing budget (adaptive repeats would otherwise spend up to a minute per variant on a busy box)
-    # and no interleaved speed pass: tests/test_speed_noise.py runs that one.
-    "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2, "max_seconds": 2, "interleave": False},
+    # A short timing budget: adaptive repeats go on until the interval is tight or max_seconds of timing are spent,
+    # which would be up to a minute per variant on a busy box by default; the minimum repeats always run. No
+    # interleaved speed pass: tests/test_speed_noise.py runs that one. (target_ci: null would time exactly `repeats`,
+    # but dump_preset drops nulls, so test_planner's round trip of this preset would not hold.)
+    "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2, "max_seconds": 0.5, "interleave": False},
     "samples": {"prompts": ["What is a list?"], "new_tokens": 4},
 }
 
@@ -23,9 +25,35 @@ def workbench_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One home for the whole session (tests and the worker processes they spawn share it, and its artifact cache);
     the real cache is untouched."""
     home = Path(os.environ.get("WORKBENCH_TEST_HOME") or tmp_path_factory.mktemp("workbench-home"))
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and os.environ.get("WORKBENCH_TEST_HOME"):
+        # One home per pytest-xdist worker: tests such as test_shared_app compare the home's folders before and
+        # after, which the other worker's runs would change under them.
+        home = home / worker
     os.environ["WORKBENCH_HOME"] = str(home)
     os.environ["HF_HUB_OFFLINE"] = "1"  # tests never need a network
+    if worker:
+        _calibrate_once(home)
     return home
+
+
+def _calibrate_once(home: Path) -> None:
+    """Under pytest-xdist the other test worker keeps the cores busy, so every run's machine calibration would see
+    contention and, by design (roofline.machine_profile), not be cached: each run would calibrate again, a worker
+    process and several seconds per run. Calibrate once per session for the thread counts the tests use, in a real
+    worker process, and store the result as the cached profile, as an uncontended first run would have. Tests of
+    the contention rule itself (test_roofline.py) use their own home and fake machines."""
+    import json
+
+    from workbench.process import run_in_worker
+    from workbench.roofline import PROFILE_FILE, _profile_key
+
+    (home / "logs").mkdir(parents=True, exist_ok=True)
+    outcome = run_in_worker("tests.worker_targets:calibrate_thread_counts", {"threads": [1, 2]},
+                            home / "logs" / "session-calibrate.log")
+    if outcome.ok:  # otherwise the runs calibrate as usual
+        profiles = {_profile_key(threads): {**profile, "calibrations": 1} for threads, profile in outcome.result.items()}
+        (home / PROFILE_FILE).write_text(json.dumps(profiles, indent=1))
 
 
 def _tiny_tokenizer():
@@ -77,11 +105,33 @@ def write_preset(tmp_path: Path, tiny_model_dir: Path):
 
 
 @pytest.fixture(scope="session")
-def bundled_source():
-    """The bundled SmolLM2, converted once per test session (about 30 s)."""
+def bundled_source(tmp_path_factory: pytest.TempPathFactory):
+    """The bundled SmolLM2, converted once per test session (about 30 s on an idle machine, minutes on a busy one).
+
+    Under pytest-xdist the workers have homes of their own, so the first worker to need it converts it and leaves a
+    copy in the run's shared temporary folder; the others copy that into their own cache instead of converting
+    again. Copies, not links: a test that damages a file in its cache must not reach another worker's."""
+    import fcntl
+    import shutil
+
+    from workbench.paths import sources_dir
     from workbench.sources import BUNDLED, resolve_source
 
-    return resolve_source(BUNDLED)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return resolve_source(BUNDLED)
+    shared = tmp_path_factory.getbasetemp().parent / "bundled-source"  # the controller's basetemp: this run only
+    with open(shared.with_name("bundled-source.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the second worker waits for the first one's conversion
+        if shared.is_dir():
+            for entry in shared.iterdir():
+                if not (sources_dir() / entry.name).exists():
+                    shutil.copytree(entry, sources_dir() / entry.name)
+        source = resolve_source(BUNDLED)  # finds the copy (its manifest checked) or converts
+        if not shared.is_dir():
+            partial = shared.with_name("bundled-source.partial")
+            shutil.copytree(source.hf_dir, partial / source.hf_dir.name)
+            partial.rename(shared)
+    return source
 
 
 @pytest.fixture(scope="session")
@@ -110,3 +160,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if {"bundled_source", "tiny_smol_dir"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # every worker sorts alike, so their collections still agree
+        rank = {module: i for i, module in enumerate(LONG_MODULES)}
+        items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
+
+# Modules that share something process-wide beyond one test worker's home: both start Ray (a local instance, a
+# two-node Cluster), so pytest-xdist runs them one after the other on the same worker.
+SERIAL_GROUPS = {"tests/test_scaleout.py": "ray", "tests/test_scaleout_nodes.py": "ray"}
+# The longest modules (minutes each on 2 cores), started first under pytest-xdist so that neither worker is left
+# with a long module at the end while the other idles.
+LONG_MODULES = ["tests/test_architectures.py", "tests/test_bundled.py", "tests/test_llmcompressor.py",
+                "tests/test_gguf.py", "tests/test_runner.py", "tests/test_shared_app.py", "tests/test_ui.py"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """One module per work unit (as --dist loadfile: a module's scoped fixtures, such as a shared run, are built
+    once), with the Ray modules as one unit."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return SERIAL_GROUPS.get(module, module)
+
+    return ModuleScheduling(config, log)

@@ -16,7 +16,8 @@ from workbench.runner import Runner
 
 def test_bundle_reproduces_quality_figures_exactly(write_preset, tmp_path, capsys) -> None:
     path = write_preset([{"name": "fp32", "method": "fp32"}, {"name": "nf4", "method": "bnb-nf4"}], name="bundle",
-                        latency={"prompt_tokens": 8, "new_tokens": 3, "warmup": 1, "repeats": 2, "max_seconds": 2, "interleave": False})
+                        latency={"prompt_tokens": 8, "new_tokens": 3, "warmup": 1, "repeats": 2, "target_ci": None, "max_seconds": 2,
+                                 "interleave": False})
     run = Runner(load_preset(path), out_dir=tmp_path / "run").run()
     bundle = tmp_path / "run.zip"
     assert main(["bundle", run["run_id"], "--out", str(bundle)]) == 0

@@ -5,11 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from workbench.cli import main
 
 PRESET = Path(__file__).parent.parent / "presets" / "tiny-smoke.yaml"
 
 
+# bundled_source: the session's one conversion of the bundled model (shared with the other tests that need it),
+# which also puts this test in the slow set, where a multi-minute run on the bundled model belongs.
+@pytest.mark.usefixtures("bundled_source")
 def test_bundled_smoke_run_through_the_cli(tmp_path: Path, capsys) -> None:
     assert main(["run", str(PRESET), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out

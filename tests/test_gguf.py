@@ -16,7 +16,8 @@ from workbench.runner import Runner
 
 CTX = BuildContext(device="cpu", threads=2, trust_remote_code=False, emit=lambda _m: None)
 SHORT = {"eval": {"text": "pydoc", "max_tokens": 256, "context": 128, "stride": 128},
-         "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2, "max_seconds": 2, "interleave": False},
+         "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2, "target_ci": None, "max_seconds": 2,
+                     "interleave": False},
          "samples": {"prompts": ["Hello"], "new_tokens": 4}}
 
 
@@ -65,7 +66,8 @@ def test_q8_0_round_trip_records_its_real_type_mix(tiny_gguf, tiny_smol_dir) -> 
     assert tokens[0] == int(variant.logits(ids[:10])[-1].argmax())
 
 
-def test_bundled_file_as_shipped_and_f16_next_to_fp32(write_preset, tmp_path) -> None:
+def test_bundled_file_as_shipped_and_f16_next_to_fp32(bundled_source, tmp_path) -> None:
+    # bundled_source: the session's one conversion, and the slow set (minutes of work on the bundled model).
     path = tmp_path / "bundled.yaml"
     path.write_text(json.dumps({"name": "gguf-bundled", "model": "bundled:smollm2-135m-instruct", "device": "cpu",
                                 "threads": 2, **SHORT, "baseline": "fp32",
@@ -83,33 +85,48 @@ def test_bundled_file_as_shipped_and_f16_next_to_fp32(write_preset, tmp_path) ->
     assert records["f16"]["engine_perf"]["eval_tokens"] > 0 and records["f16"]["runtime"]["name"] == "llamacpp"
 
 
-def test_vocabulary_mismatch_is_reported_and_divergence_skipped(write_preset, tmp_path, bundled_source) -> None:
-    path = write_preset([{"name": "fp32", "method": "fp32"},
-                         {"name": "other", "method": "gguf-file", "options": {"path": str(bundled_source.gguf_file)}}],
-                        name="mismatch")
-    run = Runner(load_preset(path), out_dir=tmp_path / "out").run()
-    other = run["variants"][1]
-    assert other["status"] == "ok", other["error"]
-    assert other["tokenizer_agreement"]["vocab_matching_fraction"] < 1.0
-    assert other["metrics"]["kld_mean"] is None and other["metrics"]["top1_agreement"] is None
-    assert "differ" in other["quality_detail"]["divergence_note"]
-
-
 BAD_FILES = [
     ("truncated", lambda src: src.read_bytes()[:4_000_000], "damaged GGUF file"),
     ("not-gguf", lambda src: b"PK\x03\x04 this is a zip, not a model", "is not a GGUF file"),
 ]
 
 
-@pytest.mark.parametrize("kind,content,message", BAD_FILES, ids=[b[0] for b in BAD_FILES])
-def test_bad_gguf_file_fails_only_its_variant(kind, content, message, write_preset, tmp_path, bundled_source) -> None:
-    bad = tmp_path / f"{kind}.gguf"
-    bad.write_bytes(content(Path(bundled_source.gguf_file)))
-    path = write_preset([{"name": "fp32", "method": "fp32"},
-                         {"name": "bad", "method": "gguf-file", "options": {"path": str(bad)}}], name=kind)
-    run = Runner(load_preset(path), out_dir=tmp_path / "out").run()
-    assert run["variants"][0]["status"] == "ok"
-    assert run["variants"][1]["status"] == "failed" and message in run["variants"][1]["error"]
+@pytest.fixture(scope="module")
+def gguf_file_run(tmp_path_factory, tiny_model_dir, bundled_source) -> dict:
+    """One run of the tiny model (its own 512-token vocabulary) next to GGUF files it cannot share logits with: the
+    bundled file (another vocabulary) and the two bad files. One run serves the vocabulary and the bad-file tests,
+    which each started the same tiny baseline before."""
+    import yaml
+
+    from tests.conftest import TINY_VARIANT_DEFAULTS
+
+    folder = tmp_path_factory.mktemp("gguf-files")
+    variants = [{"name": "fp32", "method": "fp32"}]
+    for kind, content, _message in BAD_FILES:
+        bad = folder / f"{kind}.gguf"
+        bad.write_bytes(content(Path(bundled_source.gguf_file)))
+        variants.append({"name": kind, "method": "gguf-file", "options": {"path": str(bad)}})
+    # Measured after both failures: a failed variant leaves the ones after it alone.
+    variants.append({"name": "other", "method": "gguf-file", "options": {"path": str(bundled_source.gguf_file)}})
+    path = folder / "files.yaml"
+    path.write_text(yaml.safe_dump({"name": "gguf-files", "model": str(tiny_model_dir), "device": "cpu", "threads": 1,
+                                    **TINY_VARIANT_DEFAULTS, "baseline": "fp32", "variants": variants}, sort_keys=False))
+    run = Runner(load_preset(path), out_dir=folder / "out").run()
+    return {r["name"]: r for r in run["variants"]}
+
+
+def test_vocabulary_mismatch_is_reported_and_divergence_skipped(gguf_file_run) -> None:
+    other = gguf_file_run["other"]
+    assert other["status"] == "ok", other["error"]
+    assert other["tokenizer_agreement"]["vocab_matching_fraction"] < 1.0
+    assert other["metrics"]["kld_mean"] is None and other["metrics"]["top1_agreement"] is None
+    assert "differ" in other["quality_detail"]["divergence_note"]
+
+
+@pytest.mark.parametrize("kind,message", [(b[0], b[2]) for b in BAD_FILES], ids=[b[0] for b in BAD_FILES])
+def test_bad_gguf_file_fails_only_its_variant(kind, message, gguf_file_run) -> None:
+    assert gguf_file_run["fp32"]["status"] == "ok" and gguf_file_run["other"]["status"] == "ok"
+    assert gguf_file_run[kind]["status"] == "failed" and message in gguf_file_run[kind]["error"]
 
 
 def test_unknown_quant_type_lists_the_valid_ones() -> None:

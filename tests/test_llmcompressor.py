@@ -16,7 +16,8 @@ from workbench.errors import WorkbenchError
 def _bundled_preset(tmp_path: Path, variants: list[dict]) -> Path:
     data = {"name": "llmc", "model": "bundled:smollm2-135m-instruct", "device": "cpu", "threads": 2,
             "eval": {"text": "pydoc", "max_tokens": 1024, "context": 512, "stride": 512},
-            "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2, "max_seconds": 2, "interleave": False},
+            "latency": {"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2, "target_ci": None, "max_seconds": 2,
+                        "interleave": False},
             "samples": {"prompts": ["What is a list?"], "new_tokens": 8},
             "baseline": "fp32", "variants": variants}
     path = tmp_path / "llmc.yaml"

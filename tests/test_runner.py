@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from workbench.cli import main
 from workbench.metrics.windows import plan_windows
 from workbench.presets import load_preset
-from workbench.runner import METRIC_NAMES, Runner
+from workbench.runner import Runner
 from workbench.store import History
 
 
@@ -35,8 +36,51 @@ def _plain_perplexity(model_dir: str, tokens: list[int], context: int, stride: i
     return float(torch.exp(torch.tensor(nll / count)))
 
 
+# The results.json contract (ARCHITECTURE §2.2), written out here rather than read from workbench.runner, so a
+# metric dropped from (or renamed in) the runner's list fails this test instead of silently leaving the record.
+CONTRACT_METRICS = {
+    "disk_bytes", "weight_bytes", "peak_rss_bytes", "gpu_peak_bytes", "load_s", "ttft_s", "ttft_s_min", "ttft_s_max",
+    "prefill_tok_s", "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max", "sparsity", "perplexity",
+    "kld_mean", "kld_p99", "top1_agreement", "delta_p_mean",
+    "kld_mean_stderr", "kld_median", "kld_p90", "kld_p95", "kld_p999", "kld_max", "top1_agreement_stderr",
+    "delta_p_mean_stderr", "delta_p_rms", "delta_p_rms_stderr", "delta_p_p01", "delta_p_p05", "delta_p_p50",
+    "delta_p_p95", "delta_p_p99", "ln_ppl_ratio_mean", "ln_ppl_ratio_stderr", "ln_ppl_correlation",
+    "ppl_ratio", "ppl_ratio_ci95", "ppl_indistinguishable", "samples_exact_match", "samples_first_diff_mean",
+    "decode_tok_s_ci95", "ttft_s_ci95", "latency_repeats", "speed_noisy", "contention",
+}
+# Null even in a variant measured ok on a CPU: no GPU; the baseline has no baseline of its own to agree with;
+# the first differing sample position has no mean when every sample matches.
+MAY_BE_NULL = {"gpu_peak_bytes", "samples_exact_match", "samples_first_diff_mean"}
+
+# The tiny Llama of conftest.tiny_model_dir: vocab V, hidden 64, 2 layers, 4 heads of 16, 2 KV heads, MLP 128.
+ZEROED_COLUMNS = 5  # the first columns of every Linear and Embedding weight are written as exact zeros
+
+
+def _tiny_llama_matrices(vocab: int) -> list[tuple[int, int]]:
+    """(rows, columns) of every Linear and Embedding weight, from the architecture, not from a loaded model."""
+    per_layer = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]  # q k v o gate up down
+    return [(vocab, 64)] + per_layer * 2 + [(vocab, 64)]  # embed_tokens, 2 decoder layers, untied lm_head
+
+
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model_dir):
+def zeroed_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny Llama with a known number of exact zeros written into its weights, so sparsity has a known answer."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    matrices = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    assert sum(int((w == 0).sum()) for w in matrices) == 0  # random init: no zeros before ours
+    with torch.no_grad():
+        for weight in matrices:
+            weight[:, :ZEROED_COLUMNS] = 0.0
+    folder = tmp_path_factory.mktemp("zeroed-llama")
+    shutil.copytree(tiny_model_dir, folder, dirs_exist_ok=True)  # the tokenizer files; the weights are replaced next
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, zeroed_model_dir):
     """One run of six variants, one of which is killed with SIGKILL while it is measured."""
     import yaml
 
@@ -47,7 +91,7 @@ def tiny_run(tmp_path_factory, tiny_model_dir):
                 {"name": "bf16", "method": "bf16"}, {"name": "victim", "method": "fp16"},
                 {"name": "int8", "method": "bnb-int8"}, {"name": "nf4", "method": "bnb-nf4"}]
     path = folder / "tiny.yaml"
-    path.write_text(yaml.safe_dump({"name": "tiny", "model": str(tiny_model_dir), "device": "cpu", "threads": 1,
+    path.write_text(yaml.safe_dump({"name": "tiny", "model": str(zeroed_model_dir), "device": "cpu", "threads": 1,
                                     **TINY_VARIANT_DEFAULTS, "baseline": "fp32", "variants": variants}))
     events = []
     runner: Runner
@@ -73,8 +117,13 @@ def test_killed_worker_fails_only_its_variant(tiny_run) -> None:
 
 def test_record_carries_every_contract_metric_and_protocol(tiny_run) -> None:
     run, records, _, out = tiny_run
-    for record in records.values():
-        assert set(METRIC_NAMES) <= set(record["metrics"])
+    for name, record in records.items():
+        assert set(record["metrics"]) == CONTRACT_METRICS, name
+        if record["status"] == "ok":  # measured, so every figure that applies on a CPU has a value
+            missing = {k for k, v in record["metrics"].items() if v is None} - MAY_BE_NULL
+            assert not missing, (name, missing)
+    for name in ("fp32-again", "bf16", "int8", "nf4"):  # compared with the baseline's samples
+        assert records[name]["metrics"]["samples_exact_match"] is not None, name
     fp32 = records["fp32"]["metrics"]
     assert fp32["gpu_peak_bytes"] is None  # CPU: does not apply
     assert fp32["disk_bytes"] > 0 and fp32["weight_bytes"] > 0 and fp32["peak_rss_bytes"] > fp32["weight_bytes"]
@@ -117,16 +166,15 @@ def test_quantized_weights_are_smaller_and_artifacts_load(tiny_run) -> None:
         assert model.config.vocab_size > 0
 
 
-def test_sparsity_is_the_exact_zero_count(tiny_run) -> None:
-    from transformers import AutoModelForCausalLM
-
+def test_sparsity_is_the_exact_zero_count(tiny_run, zeroed_model_dir) -> None:
     _, records, _, _ = tiny_run
-    model = AutoModelForCausalLM.from_pretrained(records["fp32"]["artifact_path"])
-    matrices = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
-    zeros = sum(int((w == 0).sum()) for w in matrices)
-    total = sum(w.numel() for w in matrices)
-    assert records["fp32"]["metrics"]["sparsity"] == zeros / total
-    assert len(records["fp32"]["layers"]) == len(matrices)
+    vocab = json.loads((zeroed_model_dir / "config.json").read_text())["vocab_size"]
+    matrices = _tiny_llama_matrices(vocab)
+    zeros = sum(rows * ZEROED_COLUMNS for rows, _ in matrices)  # what zeroed_model_dir wrote, nothing else
+    total = sum(rows * columns for rows, columns in matrices)
+    assert records["fp32"]["metrics"]["sparsity"] == pytest.approx(zeros / total, rel=1e-12)
+    assert records["fp32-again"]["metrics"]["sparsity"] == pytest.approx(zeros / total, rel=1e-12)
+    assert len(records["fp32"]["layers"]) == len(matrices) == 16
 
 
 def test_history_keeps_every_variant_and_exports(tiny_run, tmp_path, capsys) -> None:
@@ -170,7 +218,8 @@ def test_cancel_marks_the_rest_cancelled(write_preset, tmp_path) -> None:
 
 def test_corrupted_cache_entry_is_rebuilt_and_no_cache_rebuilds(write_preset, tmp_path) -> None:
     path = write_preset([{"name": "bf16", "method": "bf16"}], name="cache",
-                        latency={"prompt_tokens": 8, "new_tokens": 2, "warmup": 0, "repeats": 1, "max_seconds": 2, "interleave": False})
+                        latency={"prompt_tokens": 8, "new_tokens": 2, "warmup": 0, "repeats": 1, "target_ci": None, "max_seconds": 2,
+                                 "interleave": False})
     first = Runner(load_preset(path), out_dir=tmp_path / "a").run()
     artifact = Path(first["variants"][0]["artifact_path"])
     weights = artifact / "model.safetensors"
@@ -196,7 +245,8 @@ def test_bitsandbytes_unavailable_fails_only_bnb_variants(write_preset, tmp_path
     # Spawned workers start from the parent's sys.path, so the broken package goes first there.
     monkeypatch.syspath_prepend(str(fake.parent))
     path = write_preset([{"name": "fp32", "method": "fp32"}, {"name": "nf4", "method": "bnb-nf4"}], name="nobnb",
-                        latency={"prompt_tokens": 8, "new_tokens": 2, "warmup": 0, "repeats": 1, "max_seconds": 2, "interleave": False})
+                        latency={"prompt_tokens": 8, "new_tokens": 2, "warmup": 0, "repeats": 1, "target_ci": None, "max_seconds": 2,
+                                 "interleave": False})
     run = Runner(load_preset(path), out_dir=tmp_path / "out", use_cache=False).run()
     fp32, nf4 = run["variants"]
     assert fp32["status"] == "ok"

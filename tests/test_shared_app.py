@@ -20,12 +20,14 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{4}")
+# One fixed timed repeat (target_ci: null): the test is about who sees the run, not its speed, and the adaptive
+# default would time the variant for up to a minute.
 VISITOR_A_PRESET = """name: visitor-a
 model: bundled:smollm2-135m-instruct
 device: cpu
 threads: 1
 eval: {text: pydoc, max_tokens: 256, context: 128, stride: 128}
-latency: {prompt_tokens: 8, new_tokens: 3, warmup: 0, repeats: 1}
+latency: {prompt_tokens: 8, new_tokens: 3, warmup: 0, repeats: 1, target_ci: null, max_seconds: 2}
 samples: {prompts: [Hello], new_tokens: 3}
 baseline: fp32
 variants:

@@ -27,7 +27,7 @@ model: {model_dir}
 device: cpu
 threads: 1
 eval: {{text: pydoc, max_tokens: 256, context: 128, stride: 128}}
-latency: {{prompt_tokens: 8, new_tokens: 3, warmup: 0, repeats: 1, max_seconds: 2, interleave: false}}
+latency: {{prompt_tokens: 8, new_tokens: 3, warmup: 0, repeats: 1, target_ci: null, max_seconds: 2, interleave: false}}
 samples: {{prompts: [Hello], new_tokens: 3}}
 baseline: fp32
 variants:

@@ -42,3 +42,20 @@ def timed_window(payload: float, emit: Callable[[str], None]) -> dict:
     emit("timing")
     time.sleep(payload)
     return {"window": [started, time.time()], "runtime": {}}
+
+
+def calibrate_thread_counts(payload: dict, emit: Callable[[str], None]) -> dict:
+    """The machine calibration (roofline.calibrate_worker) for each thread count in one worker process.
+
+    The torch + transformers import is timed by the first calibration only (later ones find the modules loaded),
+    so its import time and resident memory stand for every thread count, as they would in a fresh worker each."""
+    from workbench.roofline import calibrate_worker
+
+    profiles: dict = {}
+    for threads in payload["threads"]:
+        profile = calibrate_worker({"threads": threads}, emit)
+        if profiles:
+            first = next(iter(profiles.values()))
+            profile.update(import_s=first["import_s"], runtime_base_rss_bytes=first["runtime_base_rss_bytes"])
+        profiles[threads] = profile
+    return profiles

@@ -353,7 +353,7 @@ def test_block_replay_measures_what_a_full_forward_measures(tiny_smol_dir) -> No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from workbench.calibration import CalibrationSpec, calibration_sequences
-    from workbench.methods.gguf_auto import KLDProbe
+    from workbench.sensitivity import KLDProbe
 
     model = AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32).eval()
     sequences = calibration_sequences(AutoTokenizer.from_pretrained(tiny_smol_dir), CalibrationSpec(samples=2, seq_len=64))

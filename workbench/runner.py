@@ -12,7 +12,6 @@ flight and marks the rest `cancelled`.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import threading
 import time
@@ -258,6 +257,7 @@ class Runner:
 
     def _sensitivity(self, records: dict[int, dict], prep: dict) -> dict:
         """Per-block KLD of the chosen variant, and the mixed-precision variant that table suggests."""
+        from workbench.methods.bnb import block_skip_pattern
         from workbench.methods.registry import get_method
         from workbench.sensitivity import most_sensitive
 
@@ -289,7 +289,7 @@ class Runner:
         stages = target["stages"]
         if len(stages) == 1 and "skip_modules" in get_method(stages[0]["method"]).Options.model_fields:
             # transformers reads skip patterns as regexes anchored at the module name; keep lm_head unquantized as before.
-            patterns = [re.escape(name) + r"\." for name in keep] + ["lm_head"]
+            patterns = [block_skip_pattern(name) for name in keep] + ["lm_head"]
             result["mixed_precision_variant"] = {"name": f"{spec.variant}-keep{spec.keep}", "method": stages[0]["method"],
                                                  "options": {**stages[0]["options"], "skip_modules": patterns}}
         return result

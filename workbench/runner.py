@@ -219,10 +219,11 @@ class Runner:
         for key in ("engine_perf", "tokenizer_agreement", "latency"):  # runtime-specific details, when the runtime has them
             if key in result:
                 record[key] = result[key]
-        gguf = next((stage["report"]["gguf"] for stage in reversed(built.result["stages"])
-                     if (stage.get("report") or {}).get("gguf")), None)
-        if gguf:
-            record["gguf"] = gguf
+        for key in ("gguf", "bnb"):  # the format's own report (gguf: the type mix; bnb-auto's choice), last stage first
+            found = next((stage["report"][key] for stage in reversed(built.result["stages"])
+                          if (stage.get("report") or {}).get(key)), None)
+            if found:
+                record[key] = found
         if result["runtime"]["device"] == "cpu":  # the bandwidth is this CPU's: no roofline for GPU runs
             from workbench.roofline import roofline
 

@@ -111,6 +111,10 @@ def estimate_build_s(stages: list[dict[str, Any]], shape: ModelShape, profile: d
                 units = shape.layers + (1 if shape.tied else 2)
                 total += n_candidates * (shape.params() * 2 / DISK_BYTES_S + shape.params() * 3e-8) \
                     + n_candidates * units * (tokens * 2 * shape.params() / flops_s + shape.params() * 2e-9)
+        elif method == "bnb-auto":  # quantized and float loads, one forward per block, the final quantized load
+            sens = options.get("sensitivity") or {}
+            tokens = sens.get("samples", 2) * sens.get("seq_len", 256)
+            total += 2 * io + shape.params() * 1e-8 + shape.layers * tokens * 2 * shape.params() / flops_s
         elif method == "distill":
             total += io + float(options.get("time_budget_s", 120.0))
         elif method in ("gptq", "awq", "sparsegpt", "wanda"):

@@ -299,7 +299,7 @@ def _model_refusals(preset: Any, mode: Mode) -> list[str]:
         return []  # the run itself will say what is wrong with the model
     except WorkbenchError as exc:
         return [f"model: {exc}"]
-    reasons = group_size_refusals(preset, shape)
+    reasons = group_size_refusals(preset, shape) + budget_refusals(preset, shape)
     params = shape.params()
     if _over(params, mode.cap("params")):
         reasons.append(f"model: {preset.model} has about {_count(params)} parameters; this app allows at most "
@@ -340,6 +340,33 @@ def group_size_refusals(preset: Any, shape: Any) -> list[str]:
                 check_group_size(widths, options.group_size)  # type: ignore[attr-defined]
             except WorkbenchError as exc:
                 reasons.append(f"variant '{variant.name}' ({stage.method}): {exc}")
+    return reasons
+
+
+def budget_refusals(preset: Any, shape: Any) -> list[str]:
+    """bnb-auto budgets below the smallest model it can make, from the config's shape.
+
+    Only a budget clearly below the estimate (by more than 1 %, the planner's error on bnb formats) is
+    refused here; one nearer the edge is checked exactly by the build, which then fails that variant alone."""
+    from workbench.weightsize import DTYPE_BYTES, _reshape, bnb_auto_bounds
+
+    reasons = []
+    for variant in preset.variants:
+        stages = [s.model_dump() for s in variant.stages()]
+        if stages[-1]["method"] != "bnb-auto":
+            continue
+        current, rest, notes = shape, shape.dtype if shape.dtype in DTYPE_BYTES else "float32", []
+        for stage in stages[:-1]:  # earlier stages may shrink the model or change its float type
+            current, rest = _reshape(current, rest, stage, notes)
+        options = stages[-1]["options"] or {}
+        if options.get("target_mb") is None:
+            continue  # the options check names the missing field
+        floor, _ = bnb_auto_bounds(current, DTYPE_BYTES[rest], options)
+        budget = float(options["target_mb"]) * 1e6
+        if budget < 0.99 * floor:
+            reasons.append(f"variant '{variant.name}' (bnb-auto): target_mb {options['target_mb']:g} is below the smallest "
+                           f"model bnb-auto can make from {preset.model} (about {floor / 1e6:.2f} MB with every block "
+                           f"{options.get('quant', 'nf4')}); raise target_mb")
     return reasons
 
 

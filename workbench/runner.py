@@ -161,17 +161,17 @@ class Runner:
         return run
 
     def _check_before_preparing(self) -> None:
-        """Group sizes against the model's widths, from its config: seconds, not a calibration's minutes."""
+        """Group sizes and bnb-auto budgets against the model's shape, from its config: seconds, not a calibration's minutes."""
         from workbench.modelshape import read_shape
-        from workbench.policy import group_size_refusals
+        from workbench.policy import budget_refusals, group_size_refusals
 
-        if not any(s.method in ("gptq", "awq") for v in self.preset.variants for s in v.stages()):
+        if not any(s.method in ("gptq", "awq", "bnb-auto") for v in self.preset.variants for s in v.stages()):
             return
         try:
             shape, _ = read_shape(self.preset.model, self.preset.trust_remote_code)
         except WorkbenchError:  # ShapeError and the like: preparing the model will say what is wrong
             return
-        reasons = group_size_refusals(self.preset, shape)
+        reasons = group_size_refusals(self.preset, shape) + budget_refusals(self.preset, shape)
         if reasons:
             from workbench.policy import PolicyError
 

@@ -81,6 +81,8 @@ def estimate_weights(shape: ModelShape, stages: list[dict[str, Any]], gguf_files
         nbytes, _ = _bnb_bytes(shape, DTYPE_BYTES[rest], options, four_bit=True)
         dq = " dq" if options.get("double_quant", True) else ""
         return result(nbytes, f"{method.removeprefix('bnb-')}{dq} (+{rest} rest)", "bnb-4bit")
+    if method == "bnb-auto":
+        return _bnb_auto(shape, DTYPE_BYTES[rest], options, notes, result)
     if method == "gguf":
         from workbench.gguf_plan import DEFAULT_TYPE, predict
 
@@ -139,6 +141,29 @@ def _reshape(shape: ModelShape, rest: str, stage: dict, notes: list[str]) -> tup
         return replace(shape, intermediate=shape.intermediate - round(mlp * shape.intermediate), kv_heads=kv,
                        heads=kv * (shape.heads // max(1, shape.kv_heads))), rest
     return shape, rest
+
+
+def bnb_auto_bounds(shape: ModelShape, rest_bytes: int, options: dict) -> tuple[int, int]:
+    """(every block quantized, every block float): the smallest and largest model bnb-auto can make."""
+    quant = options.get("quant", "nf4")
+    floor, _ = _bnb_bytes(shape, rest_bytes, {"double_quant": options.get("double_quant", True)}, four_bit=quant != "int8")
+    return floor, shape.params() * rest_bytes
+
+
+def _bnb_auto(shape: ModelShape, rest_bytes: int, options: dict, notes: list[str], result) -> WeightEstimate:
+    """bnb-auto fills its budget from below, a whole block at a time: the estimate is the budget, held
+    between the all-quantized and the all-float sizes (which blocks stay float is known only after measuring)."""
+    quant = options.get("quant", "nf4")
+    budget = int(float(options.get("target_mb") or 0) * 1e6)
+    floor, ceiling = bnb_auto_bounds(shape, rest_bytes, options)
+    notes.append(f"bnb-auto keeps the most sensitive blocks float within {budget / 1e6:.2f} MB: between "
+                 f"{floor / 1e6:.2f} MB (every block {quant}) and {ceiling / 1e6:.2f} MB (every block float), at most the budget")
+    if budget < floor:
+        notes.append(f"the budget is below the smallest model bnb-auto can make ({floor / 1e6:.2f} MB): the build will refuse it")
+    elif budget >= ceiling:
+        notes.append("the budget holds every block in float: nothing will be quantized")
+    family = "bnb-int8" if quant == "int8" else "bnb-4bit"
+    return result(min(max(budget, floor), ceiling), f"bnb-auto {quant} {budget / 1e6:g} MB", family)
 
 
 def _gguf_auto(shape: ModelShape, options: dict, notes: list[str], result) -> WeightEstimate:

@@ -258,9 +258,7 @@ class Runner:
 
     def _sensitivity(self, records: dict[int, dict], prep: dict) -> dict:
         """Per-block KLD of the chosen variant, and the mixed-precision variant that table suggests."""
-        from workbench.methods.bnb import block_skip_pattern
-        from workbench.methods.registry import get_method
-        from workbench.sensitivity import most_sensitive
+        from workbench.sensitivity import most_sensitive, suggested_variant
 
         spec = self.preset.sensitivity
         assert spec is not None
@@ -288,11 +286,9 @@ class Runner:
         keep = most_sensitive(outcome.result, spec.keep)
         result["most_sensitive"] = keep
         stages = target["stages"]
-        if len(stages) == 1 and "skip_modules" in get_method(stages[0]["method"]).Options.model_fields:
-            # transformers reads skip patterns as regexes anchored at the module name; keep lm_head unquantized as before.
-            patterns = [block_skip_pattern(name) for name in keep] + ["lm_head"]
-            result["mixed_precision_variant"] = {"name": f"{spec.variant}-keep{spec.keep}", "method": stages[0]["method"],
-                                                 "options": {**stages[0]["options"], "skip_modules": patterns}}
+        suggestion = suggested_variant(f"{spec.variant}-keep{spec.keep}", keep, stages[0]) if len(stages) == 1 else None
+        if suggestion:
+            result["mixed_precision_variant"] = suggestion
         return result
 
     def _record(self, spec: VariantSpec, status: str, error: str | None, built: dict | None = None) -> dict:

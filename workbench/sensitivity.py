@@ -57,6 +57,19 @@ def most_sensitive(rows: list[dict[str, Any]], keep: int) -> list[str]:
     return [row["name"] for row in sorted(rows, key=lambda r: r["kld_mean"], reverse=True)[:keep]]
 
 
+def suggested_variant(name: str, keep: list[str], stage: dict[str, Any]) -> dict[str, Any] | None:
+    """The variant that keeps the `keep` blocks in full precision: the same method with skip_modules naming
+    them, or None when the method has no skip_modules (only bitsandbytes' do)."""
+    from workbench.methods.bnb import block_skip_pattern
+    from workbench.methods.registry import get_method
+
+    if "skip_modules" not in get_method(stage["method"]).Options.model_fields:
+        return None
+    # A list of skip patterns replaces transformers' default (the output head): lm_head stays unquantized as before.
+    patterns = [block_skip_pattern(block) for block in keep] + ["lm_head"]
+    return {"name": name, "method": stage["method"], "options": {**(stage.get("options") or {}), "skip_modules": patterns}}
+
+
 def sensitivity_worker(payload: dict, emit: Callable[[str], None]) -> list[dict[str, Any]]:
     """Worker-process entry (see workbench.process.run_in_worker)."""
     import torch

@@ -128,7 +128,9 @@ def measure_blocks(reference: Any, quantized: Any, sequences: list[list[int]], e
                 other = quantized_modules.get(name)
                 if isinstance(module, torch.nn.Linear) and other is not None and type(other) is not torch.nn.Linear:
                     originals[name] = module.weight.data
-                    module.weight.data = float_weight(other).to(module.weight.dtype).reshape(module.weight.shape)
+                    # The reference runs on the CPU; on a GPU the quantized weights are dequantized there first.
+                    module.weight.data = float_weight(other).to(module.weight.device, module.weight.dtype).reshape(
+                        module.weight.shape)
             klds[index] = max(probe.kld(index), 0.0) if originals else 0.0
         finally:
             modules = dict(float_block.named_modules())
@@ -184,7 +186,9 @@ class BnbAuto(Method):
                     "nothing needs quantizing, so every block is kept float (the same weights as the unquantized input)")
             ctx.emit(note)
 
-        material = {"input": str(input_dir), "quant": options.quant,
+        # A local model folder can be rewritten in place: its weight files' sizes and times are part of the key.
+        files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(input_dir).glob("*.safetensors"))]
+        material = {"input": str(input_dir), "files": files, "quant": options.quant,
                     "double_quant": options.double_quant if options.quant != "int8" else None,
                     "sensitivity": options.sensitivity.model_dump(), "device": ctx.device, "versions": library_versions()}
         cache = sensitivity_cache("bnb-auto", material)

@@ -76,6 +76,38 @@ def test_assignment_is_optimal_against_brute_force(seed: int) -> None:
     assert total_kld(walk) >= best - 1e-12  # the walk can only be worse, never below the optimum
 
 
+def _keep_in_float_table(seed: int, blocks: int = 6, equal: bool = False) -> dict[str, list[Option]]:
+    """bnb-auto's table: each block quantized (its KLD) or float (zero KLD, more bytes)."""
+    rng = random.Random(seed)
+    table = {}
+    for block in range(blocks):
+        quantized = 100 if equal else rng.randint(60, 140)
+        table[f"model.layers.{block}"] = [Option("nf4", quantized, rng.uniform(0.001, 0.5)),
+                                          Option("float", quantized * 7 if not equal else 700, 0.0)]
+    return table
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_keep_in_float_choice_meets_the_budget_and_matches_brute_force(seed: int) -> None:
+    """The two-option tables of bnb-auto: every budget from the all-quantized to the all-float size."""
+    for equal in (True, False):
+        table = _keep_in_float_table(seed, equal=equal)
+        low = sum(o.bytes for o, _ in table.values())
+        high = sum(f.bytes for _, f in table.values())
+        for budget in range(low, high + 1, 37 if equal else 53):
+            best = _brute_force(table, budget)
+            exact, walk = optimal(table, budget, fixed_bytes=0), greedy(table, budget)
+            assert total_bytes(exact) <= budget and total_bytes(walk) <= budget
+            assert total_kld(exact) == pytest.approx(best, rel=1e-12, abs=1e-15), (equal, budget)
+            if equal:  # blocks of one size: the KLD-per-byte walk keeps the most sensitive ones, which is optimal
+                assert total_kld(walk) == pytest.approx(best, rel=1e-12, abs=1e-15), budget
+                kept = {u for u, o in walk.items() if o.type == "float"}
+                by_kld = sorted(table, key=lambda u: table[u][0].kld, reverse=True)
+                assert kept == set(by_kld[: len(kept)]) and len(kept) == (budget - low) // 600
+            else:
+                assert total_kld(walk) >= best - 1e-12
+
+
 def test_assignment_on_a_large_budget_uses_the_grid_and_still_fits() -> None:
     table = {f"blk.{i}": [Option(o.type, o.bytes * 10_007, o.kld) for o in _table(i, 1)["blk.0"]] for i in range(30)}
     budget = int(0.6 * sum(max(o.bytes for o in v) for v in table.values()))
@@ -353,7 +385,7 @@ def test_block_replay_measures_what_a_full_forward_measures(tiny_smol_dir) -> No
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from workbench.calibration import CalibrationSpec, calibration_sequences
-    from workbench.methods.gguf_auto import KLDProbe
+    from workbench.sensitivity import KLDProbe
 
     model = AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32).eval()
     sequences = calibration_sequences(AutoTokenizer.from_pretrained(tiny_smol_dir), CalibrationSpec(samples=2, seq_len=64))

@@ -166,3 +166,48 @@ def test_browser_compare_chat_history(app_url, tiny_model_dir, tmp_path) -> None
         page.screenshot(path=str(shots / "history.png"), full_page=True)
         browser.close()
     assert errors == []
+
+
+def test_build_this_adds_the_suggested_variant_as_a_valid_preset(tiny_model_dir) -> None:
+    """The "Build this" callback: the sensitivity pass's suggestion lands in the editor's YAML, which parses."""
+    import yaml
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    from workbench.presets import parse_preset
+    from workbench.sensitivity import most_sensitive, suggested_variant
+    from workbench.ui.compare import add_suggested_variant, suggestion_markdown
+
+    rows = [{"block": i, "name": f"model.layers.{i}", "kld_mean": kld, "kld_p99": kld, "top1_agreement": 0.9,
+             "perplexity": 10.0} for i, kld in enumerate([0.01, 0.3])]
+    stage = {"method": "bnb-nf4", "options": {"double_quant": False}}
+    suggestion = suggested_variant("nf4-keep1", most_sensitive(rows, 1), stage)
+    editor = tiny_yaml(tiny_model_dir)
+    run = {"preset": yaml.safe_load(editor),
+           "sensitivity": {"variant": "nf4", "rows": rows, "protocol": "p", "eval_tokens": 128, "error": None,
+                           "mixed_precision_variant": suggestion}}
+    assert "nf4-keep1" in suggestion_markdown(run) and "Build this" in suggestion_markdown(run)
+
+    text, message = add_suggested_variant(editor, run)
+    preset = parse_preset(yaml.safe_load(text))
+    added = preset.variant("nf4-keep1")
+    assert [v.name for v in preset.variants] == ["fp32", "bf16", "nf4-keep1"] and "added variant `nf4-keep1`" in message
+    assert added.method == "bnb-nf4" and added.options["double_quant"] is False
+    # The patterns keep exactly block 1 (not block 10 or 0) and the head unquantized, as transformers reads them.
+    skips = added.options["skip_modules"]
+    assert not should_convert_module("model.layers.1.mlp.up_proj", skips)
+    assert should_convert_module("model.layers.10.mlp.up_proj", skips)
+    assert should_convert_module("model.layers.0.self_attn.q_proj", skips)
+    assert not should_convert_module("lm_head", skips)
+
+    assert add_suggested_variant(text, run) == (text, "variant 'nf4-keep1' is already in the preset; press Run to build it")
+    other = {**run, "sensitivity": {**run["sensitivity"], "mixed_precision_variant": {**suggestion, "options": {}}}}
+    renamed, _ = add_suggested_variant(text, other)
+    assert [v.name for v in parse_preset(yaml.safe_load(renamed)).variants][-1] == "nf4-keep1-2"
+    from_run, _ = add_suggested_variant("", run)  # an empty editor starts from the run's own preset
+    assert [v.name for v in parse_preset(yaml.safe_load(from_run)).variants] == ["fp32", "bf16", "nf4-keep1"]
+
+    broken = "name: [unclosed"
+    kept, message = add_suggested_variant(broken, run)
+    assert kept == broken and message.startswith("**Cannot add:** the preset in the editor is not valid YAML")
+    nothing, message = add_suggested_variant(editor, {"preset": run["preset"], "sensitivity": None})
+    assert nothing == editor and message.startswith("**Nothing to add:**")

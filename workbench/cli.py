@@ -296,8 +296,8 @@ def cmd_list_methods(_args: argparse.Namespace) -> int:
         method = get_method(name)
         print(f"{name}  [{method.honesty}]  {method.summary}")
         for field_name, field in method.Options.model_fields.items():
-            default = field.get_default(call_default_factory=True)
-            print(f"    {field_name} (default: {default!r}): {field.description}")
+            given = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
+            print(f"    {field_name} ({given}): {field.description}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Choosing a tensor type per unit (decoder block, embedding, output head) under a size budget.
 
 Input: for every unit, the bytes and the measured KLD to the baseline of each candidate type when only
-that unit is quantized (`gguf-auto` measures these). Assumption: KLDs of units add up, which holds to
+that unit is quantized (`gguf-auto` measures these; `bnb-auto` has two options per block: quantized, or
+kept in float at zero KLD). Assumption: KLDs of units add up, which holds to
 first order for small perturbations and is what llama.cpp's and exllamav2's per-layer allocators assume too.
 
 Allocation is the classic Lagrangian greedy for this multiple-choice knapsack: every unit starts at its
@@ -59,17 +60,20 @@ def smallest_total(table: Mapping[str, Sequence[Option]], fixed_bytes: int = 0) 
     return fixed_bytes + sum(min(o.bytes for o in options) for options in table.values())
 
 
-def check_budget(table: Mapping[str, Sequence[Option]], budget_bytes: int, fixed_bytes: int = 0) -> None:
-    """Refuse a budget that even the cheapest option of every unit exceeds, saying what the floor is."""
+def check_budget(table: Mapping[str, Sequence[Option]], budget_bytes: int, fixed_bytes: int = 0,
+                 smallest: str = "the smallest file the candidate types can make",
+                 advice: str = "raise the target or add a smaller candidate type") -> None:
+    """Refuse a budget that even the cheapest option of every unit exceeds, saying what the floor is.
+
+    `smallest` names the floor and `advice` the way out, in the caller's terms (gguf-auto: candidate types)."""
     if not table:
         raise BudgetError("nothing to assign: no units")
     floor = smallest_total(table, fixed_bytes)
     if floor > budget_bytes:
         cheapest = sorted({min(options, key=lambda o: o.bytes).type for options in table.values()})
         raise BudgetError(
-            f"a budget of {budget_bytes / 1e6:.2f} MB is below the smallest file the candidate types can make "
-            f"({floor / 1e6:.2f} MB with every unit at its cheapest type: {', '.join(cheapest)}); "
-            "raise the target or add a smaller candidate type")
+            f"a budget of {budget_bytes / 1e6:.2f} MB is below {smallest} "
+            f"({floor / 1e6:.2f} MB with every unit at its cheapest type: {', '.join(cheapest)}); {advice}")
 
 
 def greedy(table: Mapping[str, Sequence[Option]], budget_bytes: int, fixed_bytes: int = 0) -> dict[str, Option]:

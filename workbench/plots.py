@@ -34,8 +34,8 @@ def size_vs_perplexity(run: dict[str, Any]):
     points = [(r["metrics"]["disk_bytes"] / MB, r["metrics"]["perplexity"]) for r in records]
     frontier = pareto_frontier(points)
     figure = go.Figure()
-    # Mixed-precision files chosen under a budget (gguf-auto) are marked apart from uniform types.
-    auto = [bool((r.get("gguf") or {}).get("auto")) for r in records]
+    # Mixed precision chosen under a budget (gguf-auto, bnb-auto) is marked apart from uniform types.
+    auto = [bool((r.get("gguf") or {}).get("auto") or (r.get("bnb") or {}).get("auto")) for r in records]
     figure.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers+text",
                                 text=[f"{r['name']} [{r['honesty']}]" + (" (mixed, auto)" if a else "")
                                       for r, a in zip(records, auto)], textposition="top center",

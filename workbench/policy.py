@@ -294,7 +294,7 @@ def _model_refusals(preset: Any, mode: Mode) -> list[str]:
         return []  # the run itself will say what is wrong with the model
     except WorkbenchError as exc:
         return [f"model: {exc}"]
-    reasons = group_size_refusals(preset, shape)
+    reasons = group_size_refusals(preset, shape) + budget_refusals(preset, shape)
     params = shape.params()
     if _over(params, mode.cap("params")):
         reasons.append(f"model: {preset.model} has about {_count(params)} parameters; this app allows at most "
@@ -335,6 +335,40 @@ def group_size_refusals(preset: Any, shape: Any) -> list[str]:
                 check_group_size(widths, options.group_size)  # type: ignore[attr-defined]
             except WorkbenchError as exc:
                 reasons.append(f"variant '{variant.name}' ({stage.method}): {exc}")
+    return reasons
+
+
+def budget_refusals(preset: Any, shape: Any) -> list[str]:
+    """bnb-auto budgets below the smallest model it can make, from the config's shape.
+
+    Only a budget clearly below the estimate (by more than 1 %, the planner's error on bnb formats) is
+    refused here; one nearer the edge is checked exactly by the build, which then fails that variant alone."""
+    from workbench.methods.base import DTYPE_BYTES
+    from workbench.methods.bnb_auto import BnbAuto, BnbAutoOptions
+    from workbench.planning.weightsize import stage_methods
+
+    reasons = []
+    for variant in preset.variants:
+        stages = [s.model_dump() for s in variant.stages()]
+        if stages[-1]["method"] != "bnb-auto":
+            continue
+        if (stages[-1]["options"] or {}).get("target_mb") is None:
+            continue  # the options check names the missing field
+        try:
+            pairs = stage_methods(stages)
+        except ValueError:  # invalid options: the preset check says which
+            continue
+        current, rest = shape, shape.dtype if shape.dtype in DTYPE_BYTES else "float32"
+        for method, stage_options in pairs[:-1]:  # earlier stages may shrink the model or change its float type
+            current, rest = method.reshape(current, rest, stage_options)
+        options = pairs[-1][1]
+        assert isinstance(options, BnbAutoOptions)
+        floor, _ = BnbAuto.bounds(current, rest, options)
+        budget = options.target_mb * 1e6
+        if budget < 0.99 * floor:
+            reasons.append(f"variant '{variant.name}' (bnb-auto): target_mb {options.target_mb:g} is below the smallest "
+                           f"model bnb-auto can make from {preset.model} (about {floor / 1e6:.2f} MB with every block "
+                           f"{options.quant}); raise target_mb")
     return reasons
 
 

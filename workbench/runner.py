@@ -12,7 +12,6 @@ flight and marks the rest `cancelled`.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import threading
 import time
@@ -163,17 +162,17 @@ class Runner:
         return run
 
     def _check_before_preparing(self) -> None:
-        """Group sizes against the model's widths, from its config: seconds, not a calibration's minutes."""
+        """Group sizes and bnb-auto budgets against the model's shape, from its config: seconds, not a calibration's minutes."""
         from workbench.planning.modelshape import read_shape
-        from workbench.policy import group_size_refusals
+        from workbench.policy import budget_refusals, group_size_refusals
 
-        if not any(s.method in ("gptq", "awq") for v in self.preset.variants for s in v.stages()):
+        if not any(s.method in ("gptq", "awq", "bnb-auto") for v in self.preset.variants for s in v.stages()):
             return
         try:
             shape, _ = read_shape(self.preset.model, self.preset.trust_remote_code)
         except WorkbenchError:  # ShapeError and the like: preparing the model will say what is wrong
             return
-        reasons = group_size_refusals(self.preset, shape)
+        reasons = group_size_refusals(self.preset, shape) + budget_refusals(self.preset, shape)
         if reasons:
             from workbench.policy import PolicyError
 
@@ -219,9 +218,10 @@ class Runner:
             record["engine_perf"] = result.engine_perf
         if result.tokenizer_agreement is not None:
             record["tokenizer_agreement"] = result.tokenizer_agreement
-        gguf = next((stage.report["gguf"] for stage in reversed(built.stages) if (stage.report or {}).get("gguf")), None)
-        if gguf:
-            record["gguf"] = gguf
+        for key in ("gguf", "bnb"):  # the format's own report (gguf: the type mix; bnb-auto's choice), last stage first
+            found = next((stage.report[key] for stage in reversed(built.stages) if (stage.report or {}).get(key)), None)
+            if found:
+                record[key] = found
         if result.runtime.device == "cpu":  # the bandwidth is this CPU's: no roofline for GPU runs
             from workbench.roofline import roofline
 
@@ -256,8 +256,7 @@ class Runner:
 
     def _sensitivity(self, records: dict[int, dict], prep: dict) -> dict:
         """Per-block KLD of the chosen variant, and the mixed-precision variant that table suggests."""
-        from workbench.methods.registry import get_method
-        from workbench.sensitivity import most_sensitive
+        from workbench.sensitivity import most_sensitive, suggested_variant
 
         spec = self.preset.sensitivity
         assert spec is not None
@@ -285,12 +284,9 @@ class Runner:
         keep = most_sensitive(outcome.result, spec.keep)
         result["most_sensitive"] = keep
         stages = target["stages"]
-        if len(stages) == 1 and "skip_modules" in get_method(stages[0]["method"]).Options.model_fields:
-            # transformers reads skip patterns as regexes anchored at the module name; lm_head joins them because an
-            # explicit list replaces transformers' default one, which skips the head.
-            patterns = [re.escape(name) + r"\." for name in keep] + ["lm_head"]
-            result["mixed_precision_variant"] = {"name": f"{spec.variant}-keep{spec.keep}", "method": stages[0]["method"],
-                                                 "options": {**stages[0]["options"], "skip_modules": patterns}}
+        suggestion = suggested_variant(f"{spec.variant}-keep{spec.keep}", keep, stages[0]) if len(stages) == 1 else None
+        if suggestion:
+            result["mixed_precision_variant"] = suggestion
         return result
 
     def _record(self, spec: VariantSpec, status: str, error: str | None, built: BuildResult | None = None) -> dict:

@@ -49,6 +49,28 @@ def require_bitsandbytes() -> None:
         ) from None
 
 
+def bnb_config(quant: str, *, double_quant: bool = True, compute_dtype: str = "float32", threshold: float = 6.0,
+               skip_modules: list[str] | None = None) -> Any:
+    """transformers' BitsAndBytesConfig for `quant` (int8 | nf4 | fp4): the one place bnb-* and bnb-auto make it.
+
+    `skip_modules` None keeps transformers' default (the output head); a list replaces that default."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if quant == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=threshold, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant, bnb_4bit_use_double_quant=double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype), llm_int8_skip_modules=skip_modules)
+
+
+def block_skip_pattern(module_name: str) -> str:
+    """The skip pattern that names exactly one module and its children ("model.layers.1" but not ".10").
+
+    transformers matches each pattern as a regex at the start of a module's name, so the dots are escaped
+    and a trailing dot ends the name."""
+    return re.escape(module_name) + r"\."
+
+
 class _BnbMethod(Method):
     honesty = "real-kernel"
     produces = "quantized"
@@ -99,11 +121,7 @@ class BnbInt8(_BnbMethod):
     Options: ClassVar[type[MethodOptions]] = Int8Options
 
     def quantization_config(self, options: Int8Options) -> Any:
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(
-            load_in_8bit=True, llm_int8_threshold=options.threshold, llm_int8_skip_modules=options.skip_modules
-        )
+        return bnb_config("int8", threshold=options.threshold, skip_modules=options.skip_modules)
 
     def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
         assert isinstance(options, Int8Options)
@@ -116,16 +134,8 @@ class _FourBit(_BnbMethod):
     Options: ClassVar[type[MethodOptions]] = FourBitOptions
 
     def quantization_config(self, options: FourBitOptions) -> Any:
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=options.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, options.compute_dtype),
-            llm_int8_skip_modules=options.skip_modules,
-        )
+        return bnb_config(self.quant_type, double_quant=options.double_quant, compute_dtype=options.compute_dtype,
+                          skip_modules=options.skip_modules)
 
     def estimate_size(self, options: MethodOptions, size: SizeInput) -> SizeEstimate:
         assert isinstance(options, FourBitOptions)

@@ -35,6 +35,7 @@ from workbench.methods.base import BuildContext, BuildSpeed, Method, MethodOptio
 from workbench.methods.gguf import (TENSOR_TYPES_NEEDING_IMATRIX, TensorType, _finish, convert_and_quantize_s,
                                     convert_to_gguf, imatrix_for, imatrix_s, quantize_gguf, quantize_pass_s)
 from workbench.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
+from workbench.sensitivity import KLDProbe, sensitivity_cache  # noqa: F401  (KLDProbe: shared with bnb-auto)
 
 if TYPE_CHECKING:
     from workbench.planning.modelshape import ModelShape
@@ -151,65 +152,6 @@ class TorchSlots:
 # ---- measuring --------------------------------------------------------------------------------------------
 
 
-class KLDProbe:
-    """Mean KLD of the model's next-token distribution to the unmodified model's, on fixed sequences.
-
-    The unmodified run records every decoder layer's inputs (a forward pre-hook with kwargs: hidden
-    states, mask, rope tables, exactly as the model's own forward passes them), so a change confined to
-    block N is measured by replaying blocks N.. only: the blocks before it would compute the same.
-    """
-
-    def __init__(self, model: Any, sequences: list[list[int]]) -> None:
-        import torch
-
-        self.model = model
-        self.layers = model.model.layers
-        self.inputs = [torch.tensor([ids]) for ids in sequences]
-        self.captured: list[list[tuple[tuple, dict]]] = []
-        self.reference = []
-        for x in self.inputs:
-            calls: list[tuple[tuple, dict]] = []
-            hooks = [layer.register_forward_pre_hook(lambda _m, args, kwargs, calls=calls: calls.append((args, kwargs)),
-                                                     with_kwargs=True) for layer in self.layers]
-            try:
-                self.reference.append(self._logp(x))
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            if len(calls) != len(self.layers):
-                raise WorkbenchError("gguf-auto: the model did not call each decoder layer once per forward")
-            self.captured.append(calls)
-
-    def _logp(self, x: Any) -> Any:
-        import torch
-
-        with torch.inference_mode():
-            return torch.log_softmax(self.model(x, use_cache=False).logits[0].float(), -1)
-
-    def _logp_from(self, block: int, calls: list[tuple[tuple, dict]]) -> Any:
-        import torch
-
-        with torch.inference_mode():
-            args, kwargs = calls[block]
-            hidden = args[0] if args else kwargs["hidden_states"]
-            for index in range(block, len(self.layers)):
-                args, kwargs = calls[index]
-                kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                out = self.layers[index](hidden, *args[1:], **kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
-            logits = self.model.lm_head(self.model.model.norm(hidden))
-            return torch.log_softmax(logits[0].float(), -1)
-
-    def kld(self, block: int | None = None) -> float:
-        """KLD with the model's current weights; `block`: only blocks >= block differ from the reference."""
-        total, count = 0.0, 0
-        for x, ref, calls in zip(self.inputs, self.reference, self.captured):
-            logp = self._logp(x) if block is None else self._logp_from(block, calls)
-            total += float((ref.exp() * (ref - logp)).sum(-1).double().sum())
-            count += ref.shape[0]
-        return total / count
-
-
 def measure_table(slots: TorchSlots, probe: KLDProbe, candidate_files: dict[str, Path], units: dict[str, list[str]],
                   emit: Any) -> dict[str, list[Option]]:
     """{unit: [Option(type, bytes, kld) per distinct result]}: each unit alone at each candidate type."""
@@ -233,15 +175,6 @@ def measure_table(slots: TorchSlots, probe: KLDProbe, candidate_files: dict[str,
                     slots.params[n].data = data
             table[unit].append(Option(type_name, sum(int(tensors[n].n_bytes) for n in names), max(kld, 0.0)))
     return table
-
-
-def _sensitivity_cache(material: dict) -> Path:
-    from workbench.cache import key_hash
-    from workbench.paths import workbench_home
-
-    folder = workbench_home() / "gguf-auto-sensitivity"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / f"{key_hash(material)}.json"
 
 
 # ---- the method -------------------------------------------------------------------------------------------
@@ -314,7 +247,7 @@ class GGUFAuto(Method):
         material = {"input": str(input_dir), "candidates": options.candidates,
                     "imatrix": extra.get("imatrix", {}).get("hash"), "sensitivity": options.sensitivity.model_dump(),
                     "versions": library_versions()}
-        cache = _sensitivity_cache(material)
+        cache = sensitivity_cache("gguf-auto", material)
         started = time.perf_counter()
         if cache.is_file():  # same input, candidates, matrix and tokens: the table is the same
             ctx.emit("per-block sensitivities from the cache")

@@ -19,6 +19,7 @@ _REGISTRY: dict[str, str] = {
     "bnb-int8": "workbench.methods.bnb:BnbInt8",
     "bnb-nf4": "workbench.methods.bnb:BnbNF4",
     "bnb-fp4": "workbench.methods.bnb:BnbFP4",
+    "bnb-auto": "workbench.methods.bnb_auto:BnbAuto",
     "distill": "workbench.methods.distill:Distill",
     "gguf": "workbench.methods.gguf:GGUF",
     "gguf-file": "workbench.methods.gguf:GGUFFile",

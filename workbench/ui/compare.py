@@ -23,7 +23,10 @@ from workbench.ui.runqueue import RUNS
 
 
 def _default(field: Any) -> Any:
-    """A field's default as plain data (a nested options model, e.g. a calibration spec, as its dict)."""
+    """A field's default as plain data (a nested options model, e.g. a calibration spec, as its dict); None
+    for a required field (bnb-auto's target_mb), which the form leaves empty until it is filled in."""
+    if field.is_required():
+        return None
     default = field.get_default(call_default_factory=True)
     return default.model_dump() if hasattr(default, "model_dump") else default
 
@@ -156,6 +159,61 @@ def _run_and_stream(runner: Any, preset: Any, events: queue.Queue, budget_gb: fl
     yield [run_note(run), table, display_table(run, budget_gb), *figures(run, budget_gb), run["run_id"]]
 
 
+def suggestion_markdown(run: dict[str, Any] | None) -> str:
+    """The run's per-block sensitivity and the mixed-precision variant it suggests, for the Compare tab."""
+    from workbench.report import sensitivity_text
+
+    sensitivity = (run or {}).get("sensitivity")
+    if not sensitivity:
+        return ("No per-block sensitivity in this run: add `sensitivity: {variant: NAME, keep: 2}` to the preset "
+                "(NAME a bitsandbytes variant) to get a suggested mixed-precision variant.") if run else ""
+    text = f"```\n{sensitivity_text(sensitivity)}\n```"
+    if sensitivity.get("mixed_precision_variant"):
+        text += "\n\n**Build this** adds the suggested variant to the preset below; **Run** then builds and measures it."
+    return text
+
+
+def add_suggested_variant(yaml_text: str, run: dict[str, Any] | None) -> tuple[str, str]:
+    """(the editor's preset with the run's suggested mixed-precision variant added, what happened).
+
+    The editor stays the source of truth for a run: the variant is appended to what it holds (the run's own
+    preset when it is empty), under a name no other variant has, and the result must parse as a preset;
+    otherwise the editor is left as it was and the message says why."""
+    import copy
+
+    from workbench.presets import parse_preset
+
+    suggestion = ((run or {}).get("sensitivity") or {}).get("mixed_precision_variant")
+    if not suggestion:
+        return yaml_text, "**Nothing to add:** this run has no suggested mixed-precision variant (its sensitivity " \
+                          "section is missing, failed, or measured a method without skip_modules)."
+    try:
+        data = yaml.safe_load(yaml_text) if (yaml_text or "").strip() else copy.deepcopy(run["preset"])
+    except yaml.YAMLError as exc:
+        return yaml_text, f"**Cannot add:** the preset in the editor is not valid YAML ({type(exc).__name__}); fix it first"
+    if not isinstance(data, dict) or not isinstance(data.get("variants"), list):
+        return yaml_text, "**Cannot add:** the editor does not hold a preset with a variants list; load one first"
+    variant = copy.deepcopy(suggestion)
+    if any(v == variant for v in data["variants"] if isinstance(v, dict)):
+        return yaml_text, f"variant '{variant['name']}' is already in the preset; press Run to build it"
+    names = {v.get("name") for v in data["variants"] if isinstance(v, dict)}
+    base, number = variant["name"], 2
+    while variant["name"] in names:  # same name, other options (an earlier suggestion): keep both
+        variant["name"], number = f"{base}-{number}", number + 1
+    data["variants"].append(variant)
+    text = yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+    try:
+        parse_preset(yaml.safe_load(text), "preset")
+    except WorkbenchError as exc:
+        return yaml_text, f"**Cannot add:** {exc}"
+    note = ""
+    source = (run.get("preset") or {}).get("model")
+    if source and data.get("model") != source:
+        note = (f" Note: the sensitivity was measured on `{source}`, and this preset runs `{data.get('model')}`; "
+                "the block names fit only models with the same layers.")
+    return text, f"added variant `{variant['name']}` to the preset; press **Run** to build and measure it.{note}"
+
+
 def check_model_size(preset: Any, lim: Any) -> None:
     """The size cap (WORKBENCH_MAX_PARAMS; 5e8 in shared mode) is checked from the model's config alone,
     before anything downloads or loads."""
@@ -253,6 +311,9 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
     progress = gr.Dataframe(label="Progress", interactive=False)
     results = gr.Dataframe(label="Results (MB, ms, tok/s; — means not applicable)", interactive=False)
     plots = [gr.Plot(label=label) for label in CHART_LABELS]
+    with gr.Accordion("Per-block sensitivity and the suggested mixed-precision variant", open=True):
+        suggestion = gr.Markdown()
+        build_this = gr.Button("Build this: add the suggested variant to the preset")
 
     def load_preset_text(name: str) -> str:
         path = PRESETS_DIR / f"{name}.yaml"  # the picker lists presets/ only (preset_names)
@@ -279,3 +340,18 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
               api_name="run_preset", concurrency_limit=None)
     cancel.click(cancel_run, session, status)
     plan_button.click(plan_preset_markdown, [yaml_box, budget], plan_box, api_name="plan_preset")
+
+    def current(run_id: str | None, session_value: dict, request: gr.Request | None) -> dict | None:
+        from workbench.ui.history import load_owned_run
+
+        return load_owned_run(run_id, session_value, visitor_id(request)) if run_id else None
+
+    def show_suggestion(run_id: str | None, session_value: dict, request: gr.Request) -> str:
+        return suggestion_markdown(current(run_id, session_value, request))
+
+    def build_suggested(text: str, run_id: str | None, session_value: dict, request: gr.Request) -> tuple[str, str]:
+        return add_suggested_variant(text, current(run_id, session_value, request))
+
+    # The run on the page (just run here, or opened in History) shows its suggestion; one click adds it to the editor.
+    current_run.change(show_suggestion, [current_run, session], suggestion)
+    build_this.click(build_suggested, [yaml_box, current_run, session], [yaml_box, status], api_name="build_suggested")

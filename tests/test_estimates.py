@@ -23,7 +23,7 @@ SHAPE = shape_from_config({"model_type": "llama", "hidden_size": 576, "num_hidde
                            "num_key_value_heads": 3, "intermediate_size": 1536, "vocab_size": 49152,
                            "tie_word_embeddings": True, "torch_dtype": "float32"})
 PROFILE = {"import_s": 3.0, "matmul": {"flops_s": 5e10}}
-REQUIRED = {"gguf-auto": {"target_mb": 80}}  # options a method has no default for
+REQUIRED = {"gguf-auto": {"target_mb": 80}, "bnb-auto": {"target_mb": 80}}  # options a method has no default for
 
 
 def _build_s(method: str, options: dict[str, Any]) -> float:

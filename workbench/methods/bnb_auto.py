@@ -57,10 +57,13 @@ class BnbAutoOptions(MethodOptions):
 
     @model_validator(mode="after")
     def _options_of_the_type(self) -> "BnbAutoOptions":
-        given = self.model_fields_set
-        if self.quant == "int8" and given & set(FOUR_BIT_ONLY):
-            raise ValueError(f"{', '.join(sorted(given & set(FOUR_BIT_ONLY)))} apply to nf4/fp4, not quant: int8")
-        if self.quant != "int8" and "threshold" in given:
+        # An option of the other kind of quantization is refused only when it asks for something: its default
+        # written out (as a dumped preset does) changes nothing, so it is accepted.
+        fields = type(self).model_fields
+        asked = {name for name in self.model_fields_set if getattr(self, name) != fields[name].default}
+        if self.quant == "int8" and asked & set(FOUR_BIT_ONLY):
+            raise ValueError(f"{', '.join(sorted(asked & set(FOUR_BIT_ONLY)))} apply to nf4/fp4, not quant: int8")
+        if self.quant != "int8" and "threshold" in asked:
             raise ValueError(f"threshold applies to quant: int8, not {self.quant}")
         return self
 

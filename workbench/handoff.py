@@ -102,6 +102,12 @@ class RuntimeInfo:
     threads: int  # the threads the engine really uses
     device: str
     pinned_cpus: list[int] | None  # cores the worker's threads were pinned to; None when not pinned
+    node: dict[str, Any] | None = None  # {host, ray_node_id} when the step ran as a Ray task (scaleout.py adds it)
+    node_exclusive: bool | None = None  # on Ray: whether the step held its node's timing resource
+
+    def to_record(self) -> dict[str, Any]:
+        """The record's `runtime`; the Ray fields only when the step ran on Ray."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("node", "node_exclusive")}
 
 
 @dataclass

@@ -212,7 +212,7 @@ class Runner:
             return record
         result = MeasureResult.from_payload(measured.result)
         record["metrics"].update(result.metrics)
-        record.update(layers=result.layers, samples=result.samples, runtime=asdict(result.runtime),
+        record.update(layers=result.layers, samples=result.samples, runtime=result.runtime.to_record(),
                       quality_detail=result.quality_detail, latency=result.latency)
         if result.engine_perf is not None:  # runtime-specific details, when the runtime has them
             record["engine_perf"] = result.engine_perf

@@ -145,8 +145,10 @@ def test_calibration_text_never_overlaps_the_eval_text(tmp_path) -> None:
     a, b = set(calibration_text("pydoc-a").split("\n\n")), set(calibration_text("pydoc-b").split("\n\n"))
     assert not (a & b) - {""}  # the two halves are different texts
     leaky = tmp_path / "leaky.txt"
-    leaky.write_text("my notes\n\n" + next(iter(eval_paragraphs)))
-    with pytest.raises(WorkbenchError, match="contains 1 paragraph"):
+    # A set's order follows the string hash seed; a fixed paragraph keeps the test deterministic. The count is
+    # not pinned to 1: the check may find a long paragraph's parts as several paragraphs of the eval text.
+    leaky.write_text("my notes\n\n" + sorted(eval_paragraphs)[0])
+    with pytest.raises(WorkbenchError, match=r"contains [1-9]\d* paragraph\(s\) of the evaluation text"):
         calibration_text(str(leaky))
 
 

@@ -21,6 +21,14 @@ def test_every_preset_round_trips(path: Path) -> None:
     assert again == preset
 
 
+def test_a_null_that_differs_from_its_default_survives_the_round_trip() -> None:
+    """target_ci: null (exactly `repeats` timed runs) is a choice against the default 0.05, so it must be written."""
+    preset = parse_preset(_preset(latency={"target_ci": None}))
+    dumped = yaml.safe_load(dump_preset(preset))
+    assert dumped["latency"]["target_ci"] is None and "lm_eval" not in dumped  # default nulls stay out
+    assert parse_preset(dumped).latency.target_ci is None
+
+
 def _preset(**changes) -> dict:
     data = {"name": "t", "model": "bundled:smollm2-135m-instruct", "baseline": "fp32",
             "variants": [{"name": "fp32", "method": "fp32"}, {"name": "nf4", "method": "bnb-nf4"}]}

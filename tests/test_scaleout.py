@@ -5,6 +5,7 @@ Ray is started once for the module with 2 CPUs (the tiny presets ask for 1 each,
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -29,7 +30,7 @@ PRESET_B = [{"name": "fp32", "method": "fp32"}, {"name": "half", "method": "fp16
 def sleep_target(payload: float, emit) -> tuple[float, float]:
     """A worker step that takes a while and talks meanwhile (imported by name in the worker process)."""
     started = time.time()
-    emit("sleeping")
+    emit(f"sleeping in process {os.getpid()}")
     while time.time() - started < payload:
         time.sleep(0.2)
         emit("still sleeping")
@@ -103,6 +104,14 @@ def test_ray_path_gives_the_local_records(sweep, presets) -> None:
     assert by_ray["int8"]["metrics"]["kld_mean"] > 0  # a real comparison, not two baselines
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"  # a zombie has stopped running
+
+
 def test_cancel_stops_the_ray_task(local_ray, tmp_path) -> None:
     from workbench.scaleout import RayExecutor
 
@@ -111,15 +120,18 @@ def test_cancel_stops_the_ray_task(local_ray, tmp_path) -> None:
 
     def on_event(message: str) -> None:
         events.append(message)
-        if message == "sleeping":
+        if message.startswith("sleeping in process"):
             cancel.set()
 
-    started = time.perf_counter()
     outcome = executor("tests.test_scaleout:sleep_target", 120, tmp_path / "logs" / "sleep.log", on_event=on_event,
                        cancel=cancel)
     executor.close()
     assert outcome.cancelled and not outcome.ok
-    assert time.perf_counter() - started < 90
+    pid = int(next(m for m in events if m.startswith("sleeping in process")).rsplit(" ", 1)[1])
+    deadline = time.monotonic() + 60  # the task's worker process is stopped, long before its 120 s sleep ends
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _alive(pid)
     assert events[0].startswith("submitted to Ray (1 CPU)") and events[1].startswith("running on ")
 
 
@@ -153,10 +165,8 @@ def _unused_port() -> int:
 
 def test_unreachable_ray_address_is_one_clear_line(presets, capsys) -> None:
     port = _unused_port()
-    started = time.perf_counter()
     assert main(["run", str(presets[0]), "--ray", f"127.0.0.1:{port}"]) == 2
     err = capsys.readouterr().err.strip()
-    assert time.perf_counter() - started < 15
     assert err.startswith(f"error: no Ray cluster at 127.0.0.1:{port} (")
     assert "ray start --head" in err and "--ray local" in err and "\n" not in err
     assert main(["sweep", str(presets[0]), "--ray", f"ray://127.0.0.1:{port}"]) == 2

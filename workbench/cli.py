@@ -21,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("preset", help="path to a preset YAML file (see presets/)")
     run.add_argument("--out", type=Path, help="output folder (default: $WORKBENCH_HOME/runs/RUN_ID)")
     run.add_argument("--only", help="comma-separated variant names to run (the baseline is always kept)")
-    run.add_argument("--no-cache", action="store_true", help="rebuild artifacts even when cached")
+    fresh_or_reused = run.add_mutually_exclusive_group()  # argparse refuses both together (exit 2)
+    fresh_or_reused.add_argument("--no-cache", action="store_true",
+                                 help="rebuild artifacts and measure every figure again, even when nothing changed")
+    fresh_or_reused.add_argument("--reuse-speed", action="store_true",
+                                 help="also reuse stored speed figures of unchanged variants (by default only their "
+                                      "quality figures are reused and speed is timed again)")
     run.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped with the weights")
     run.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                      help="run the variants as Ray tasks: auto, local, ray://HOST:PORT or HOST:PORT (docs/scale-out.md)")
@@ -155,10 +160,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         bar.set_description_str(f"{label} - {event.message}"[:90])
         if event.variant and event.phase in ("ok", "failed", "cancelled"):
             bar.update(1)
-            if event.phase != "ok":
-                bar.write(f"{event.variant}: {event.phase}: {event.message}")
+            bar.write(f"{event.variant}: {event.phase}: {event.message}")  # each variant's figures as it finishes
 
-    runner = Runner(preset, out_dir=args.out, use_cache=not args.no_cache, on_event=show,
+    runner = Runner(preset, out_dir=args.out, use_cache=not args.no_cache, reuse_speed=args.reuse_speed, on_event=show,
                     executor=executor_for(preset) if executor_for else None)
     # Ctrl-C cancels: the worker in flight is stopped, the rest are recorded as cancelled and stored.
     previous = signal.signal(signal.SIGINT, lambda *_: runner.cancel())

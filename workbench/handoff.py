@@ -84,6 +84,8 @@ class MeasureRequest:
     bos_id: int | None = None  # the run's BOS policy (validity.py): None means no BOS
     write_reference: str | None = None  # the baseline writes its log-probs here
     reference: str | None = None  # other variants compare against the baseline's, when it measured ok
+    # False when the runner reuses stored quality figures (measure_cache.py): load, time and size only.
+    measure_quality: bool = True
 
     def to_payload(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}

@@ -171,7 +171,25 @@ def load_preset(path: str | Path) -> Preset:
 
 
 def dump_preset(preset: Preset) -> str:
-    return yaml.safe_dump(preset.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    return yaml.safe_dump(_without_default_nulls(preset, preset.model_dump(mode="json")), sort_keys=False)
+
+
+def _without_default_nulls(model: BaseModel, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (the model's dump) without the nulls that are the field's default: short YAML, and a null that is a
+    choice (latency.target_ci: null means "exactly `repeats`", against a default of 0.05) survives the round trip."""
+    kept: dict[str, Any] = {}
+    for name, value in data.items():
+        field = type(model).model_fields.get(name)
+        if value is None and (field is None or field.default is None):
+            continue
+        attribute = getattr(model, name, None)
+        if isinstance(attribute, BaseModel) and isinstance(value, dict):
+            value = _without_default_nulls(attribute, value)
+        elif isinstance(attribute, list) and isinstance(value, list):
+            value = [_without_default_nulls(a, v) if isinstance(a, BaseModel) and isinstance(v, dict) else v
+                     for a, v in zip(attribute, value)]
+        kept[name] = value
+    return kept
 
 
 def check_methods(preset: Preset, origin: str = "preset") -> None:

@@ -156,8 +156,17 @@ def protocol_summary(run: dict[str, Any]) -> str:
         f"context {protocol['context']}, stride {protocol['stride']}, scored '{protocol['scored']}'. "
         f"Latency: {protocol['prompt_tokens']}-token prompt, {protocol['new_tokens']} greedy tokens, "
         f"{protocol['warmup']} warm-up run(s), then the {_repeats_text(protocol)}. Peak RSS: {protocol['peak_rss']}."
-        + tokenization_summary(protocol)
+        + tokenization_summary(protocol) + _reuse_text(run)
     )
+
+
+def _reuse_text(run: dict[str, Any]) -> str:
+    """Which variants' figures come from an earlier run (measure_cache.py), so nobody reads them as new."""
+    reused = [(r["name"], r["reused"]) for r in run["variants"] if r.get("reused")]
+    if not reused:
+        return ""
+    return " Reused, nothing that shaped them having changed: " + "; ".join(
+        f"{name}: {info['figures']} figures from run {info['run_id']}" for name, info in reused) + "."
 
 
 def _repeats_text(protocol: dict[str, Any]) -> str:

@@ -56,6 +56,21 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
+def figures_line(record: dict) -> str:
+    """A finished variant's headline figures in one line, for progress output as each variant ends."""
+    metrics = record["metrics"]
+    parts = []
+    for key, label, fmt in (("weight_bytes", "weights", lambda v: f"{v / 1e6:.1f} MB"),
+                            ("decode_tok_s", "decode", lambda v: f"{v:.3g} tok/s"),
+                            ("perplexity", "ppl", lambda v: f"{v:.4g}"), ("kld_mean", "KLD", lambda v: f"{v:.3g}")):
+        if metrics.get(key) is not None:
+            parts.append(f"{label} {fmt(metrics[key])}")
+    reused = record.get("reused")
+    if reused:
+        parts.append(f"{reused['figures']} reused from run {reused['run_id']}")
+    return ", ".join(parts) or "done"
+
+
 def method_label(spec: VariantSpec) -> str:
     return "+".join(stage.method for stage in spec.stages())
 
@@ -70,12 +85,18 @@ class Runner:
         history: History | None = None,
         executor: Callable[..., WorkerOutcome] | None = None,
         visitor: str | None = None,
+        reuse_measurements: bool = True,
+        reuse_speed: bool = False,
     ):
         self.preset = preset
         self.executor = executor or run_in_worker  # run_in_worker's signature; scaleout.RayExecutor runs on Ray
         self.run_id = new_run_id()
         self.out_dir = Path(out_dir) if out_dir else runs_dir() / self.run_id
         self.use_cache = use_cache
+        # Stored figures of an unchanged variant (measure_cache.py): quality reused unless the artifacts are
+        # rebuilt; speed only when asked, since it depends on what else the machine is doing.
+        self.reuse_measurements = reuse_measurements and use_cache
+        self.reuse_speed = reuse_speed and self.reuse_measurements
         self.on_event = on_event
         self.history = history
         self.visitor = visitor  # the app visitor (gradio session) who started the run; None from the CLI
@@ -118,30 +139,39 @@ class Runner:
 
         order = sorted(range(len(preset.variants)), key=lambda i: preset.variants[i].name != preset.baseline)
         reference = self.out_dir / "baseline_logprobs.npy"
+        keys, stored = self._stored_measurements(prep, tokens_path)
         baseline_ok = False
         records: dict[int, dict] = {}
         for step, position in enumerate(order):
             spec = preset.variants[position]
             is_baseline = spec.name == preset.baseline
+            entry = stored.get(spec.name)
             if self._cancel.is_set():
                 record = self._record(spec, "cancelled", "the run was cancelled before this variant started")
+            elif entry is not None and self.reuse_speed:
+                record = {**entry["record"], "reused": {"run_id": entry["run_id"], "figures": "quality and speed"}}
+                self._emit(spec.name, "measuring", f"every figure reused from run {entry['run_id']} (--reuse-speed)", step)
             else:
-                record = self._build_and_measure(spec, step, prep, is_baseline, reference, baseline_ok)
-                baseline_ok = baseline_ok or (is_baseline and record["status"] == "ok")
+                record = self._build_and_measure(spec, step, prep, is_baseline, reference, baseline_ok, entry)
+            baseline_ok = baseline_ok or (is_baseline and record["status"] == "ok")
             record["estimate"] = estimates.get(spec.name)  # made before anything was built (planning/planner.py)
             records[position] = record
             history.save_variant(self.run_id, position, record)
             run["variants"] = [records[i] for i in sorted(records)]
             self._write_results(run)
-            self._emit(spec.name, record["status"], record["error"] or "done", step)
+            self._emit(spec.name, record["status"], record["error"] or figures_line(record), step)
 
-        if not self._cancel.is_set():
+        all_reused = bool(records) and all(r.get("reused", {}).get("figures") == "quality and speed" for r in records.values())
+        if all_reused:
+            run["protocol"]["interleave"] = "every figure reused (--reuse-speed), the interleaved ratios included"
+        elif not self._cancel.is_set():
             from workbench.speedpass import interleaved_pass
 
             if interleaved_pass(self, records, run):  # paired speed ratios (speedpass.py): store the records again
                 for position, record in records.items():
                     history.save_variant(self.run_id, position, record)
                 self._write_results(run)
+        self._store_measurements(records, keys)
         if preset.sensitivity and not self._cancel.is_set():
             run["sensitivity"] = self._sensitivity(records, prep)
         # 16-bit log-probs of every scored token: large, and derivable; with their per-token side file
@@ -161,6 +191,44 @@ class Runner:
         self._emit(None, "done", f"run {self.run_id}: {run['status']}")
         return run
 
+    def _stored_measurements(self, prep: dict, tokens_path: Path) -> tuple[dict[str, str], dict[str, dict]]:
+        """Each variant's measurement key, and the stored entries this run may reuse (measure_cache.py)."""
+        from workbench.cache import file_sha256
+        from workbench.measure_cache import load_entry, measurement_key
+
+        preset = self.preset
+        by_name = {spec.name: spec for spec in preset.variants}
+        baseline = by_name.get(preset.baseline)
+        common = {
+            "source": prep["source"]["fingerprint"], "eval_tokens": file_sha256(tokens_path),
+            "eval": preset.eval.model_dump(mode="json"), "latency": preset.latency.model_dump(mode="json"),
+            "samples": preset.samples.model_dump(mode="json"),
+            "lm_eval": preset.lm_eval.model_dump(mode="json") if preset.lm_eval else None,
+            "bos_id": prep["validity"]["bos_id"], "threads": preset.threads, "device": preset.device,
+            "environment": environment(preset.threads, prep["device"]),
+            "baseline": [s.model_dump(mode="json") for s in baseline.stages()] if baseline else None,
+        }
+        keys = {spec.name: measurement_key({**common, "is_baseline": spec.name == preset.baseline,
+                                            "stages": [s.model_dump(mode="json") for s in spec.stages()]})
+                for spec in preset.variants}
+        if not self.reuse_measurements:
+            return keys, {}
+        stored = {name: entry for name, key in keys.items() if (entry := load_entry(key)) is not None}
+        # Without every variant stored, the baseline is measured afresh: the others' KLD needs its log-probs.
+        if len(stored) < len(keys):
+            stored.pop(preset.baseline, None)
+        if stored:
+            self._emit(None, "preparing", f"reusing the stored {'figures' if self.reuse_speed else 'quality figures'} "
+                                          f"of {', '.join(sorted(stored))} (nothing that shaped them changed)")
+        return keys, stored
+
+    def _store_measurements(self, records: dict[int, dict], keys: dict[str, str]) -> None:
+        from workbench.measure_cache import store_entry
+
+        for record in records.values():
+            if record["status"] == "ok" and record.get("reused", {}).get("figures") != "quality and speed":
+                store_entry(keys[record["name"]], self.run_id, record)
+
     def _check_before_preparing(self) -> None:
         """Group sizes and bnb-auto budgets against the model's shape, from its config: seconds, not a calibration's minutes."""
         from workbench.planning.modelshape import read_shape
@@ -179,7 +247,8 @@ class Runner:
             raise PolicyError(reasons)
 
     def _build_and_measure(self, spec: VariantSpec, step: int, prep: dict, is_baseline: bool,
-                           reference: Path, baseline_ok: bool) -> dict:
+                           reference: Path, baseline_ok: bool, stored: dict | None = None) -> dict:
+        """Build (or find) the artifact and measure it; with a `stored` entry, time it and reuse the quality figures."""
         preset = self.preset
         self._emit(spec.name, "building", "building the artifact", step)
         started = time.perf_counter()
@@ -193,6 +262,11 @@ class Runner:
         if not outcome.ok:
             return self._record(spec, "cancelled" if outcome.cancelled else "failed", f"build: {outcome.error}")
         built = BuildResult.from_payload(outcome.result)
+        if stored is not None:
+            from workbench.measure_cache import artifact_identity
+
+            if artifact_identity(built.artifact_path) != stored["artifact"]:  # rebuilt since: measure it all again
+                stored = None
         self._emit(spec.name, "measuring", "measuring", step)
         build_wall_s, started = time.perf_counter() - started, time.perf_counter()
         request = MeasureRequest(
@@ -200,8 +274,9 @@ class Runner:
             eval_tokens_path=str(self.out_dir / "eval_tokens.json"), threads=preset.threads, device=preset.device,
             trust_remote_code=preset.trust_remote_code, context=preset.eval.context, stride=preset.eval.stride,
             latency=preset.latency, samples=preset.samples, lm_eval=preset.lm_eval, bos_id=prep["validity"]["bos_id"],
-            write_reference=str(reference) if is_baseline else None,
-            reference=str(reference) if baseline_ok and not is_baseline else None)
+            write_reference=str(reference) if is_baseline and stored is None else None,
+            reference=str(reference) if baseline_ok and not is_baseline and stored is None and reference.exists() else None,
+            measure_quality=stored is None)
         measured = self._worker("workbench.worker:measure_variant", request.to_payload(), f"{spec.name}-measure",
                                 spec.name, "measuring", step)
         record = self._record(spec, "ok", None, built)
@@ -228,8 +303,17 @@ class Runner:
             bandwidth = (self.machine_profile or {}).get("bandwidth", {}).get("bandwidth_bytes_s")
             record["roofline"] = roofline(bandwidth, record["metrics"]["weight_bytes"], result.weights_read,
                                           record["metrics"]["decode_tok_s"])
-        if not is_baseline and not baseline_ok:
+        if stored is not None:
+            from workbench.measure_cache import merge_quality
+
+            record = merge_quality(record, stored["record"])
+            record["reused"] = {"run_id": stored["run_id"], "figures": "quality"}
+        elif not is_baseline and not baseline_ok:
             record["quality_detail"]["divergence_note"] = "the baseline failed, so KLD / top-1 / delta-p are null"
+        elif not is_baseline and not reference.exists():
+            record["quality_detail"]["divergence_note"] = (
+                "this variant's artifact was rebuilt, but the baseline's figures were reused, so its log-probs are not "
+                "in this run: KLD / top-1 / delta-p are null (run again with --no-cache)")
         from workbench.validity import sanity_flags
 
         record["flags"] = sanity_flags(record, is_baseline, prep["validity"])

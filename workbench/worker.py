@@ -125,6 +125,15 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
     # full-vocabulary float64 buffers and writes the baseline's log-prob file: measuring overhead.
     peak_rss, gpu_peak = peak_rss_bytes(), gpu_peak_bytes(device)
 
+    if not request.measure_quality:
+        read, threads_used = weights_read(variant), variant.threads_used(request.threads)
+        variant.close()
+        metrics = {"disk_bytes": footprint.disk_bytes, "weight_bytes": footprint.weight_bytes,
+                   "peak_rss_bytes": peak_rss, "gpu_peak_bytes": gpu_peak, "load_s": load_s, **latency}
+        return MeasureResult(metrics=metrics, layers=[], samples=samples, quality_detail={},
+                             runtime=RuntimeInfo(request.runtime, threads_used, device, pinned), weights_read=read,
+                             latency=latency_detail, engine_perf=engine_perf).to_payload()
+
     emit("perplexity and divergence")
     agreement = variant.tokenizer_agreement(tokens)
     # Same vocabulary means same size and the file's tokenizer reproducing the ids; otherwise logits

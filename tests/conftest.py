@@ -46,7 +46,7 @@ def _calibrate_once(home: Path) -> None:
     import json
 
     from workbench.process import run_in_worker
-    from workbench.roofline import PROFILE_FILE, _profile_key
+    from workbench.planning.roofline import PROFILE_FILE, _profile_key
 
     (home / "logs").mkdir(parents=True, exist_ok=True)
     outcome = run_in_worker("tests.worker_targets:calibrate_thread_counts", {"threads": [1, 2]},
@@ -60,7 +60,7 @@ def _tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from workbench.evaltext import pydoc_calibration_text
+    from workbench.data.evaltext import pydoc_calibration_text
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -115,7 +115,7 @@ def bundled_source(tmp_path_factory: pytest.TempPathFactory):
     import shutil
 
     from workbench.paths import sources_dir
-    from workbench.sources import BUNDLED, resolve_source
+    from workbench.data.sources import BUNDLED, resolve_source
 
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return resolve_source(BUNDLED)

@@ -49,7 +49,7 @@ def calibrate_thread_counts(payload: dict, emit: Callable[[str], None]) -> dict:
 
     The torch + transformers import is timed by the first calibration only (later ones find the modules loaded),
     so its import time and resident memory stand for every thread count, as they would in a fresh worker each."""
-    from workbench.roofline import calibrate_worker
+    from workbench.planning.roofline import calibrate_worker
 
     profiles: dict = {}
     for threads in payload["threads"]:

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 "bundle": cmd_bundle, "plan": cmd_plan, "selfcheck": cmd_selfcheck,
                 "reproduce": cmd_reproduce, "sweep": cmd_sweep, "export-model": cmd_export_model}[args.command](args)
     except WorkbenchError as exc:
-        from workbench.policy import PolicyError
+        from workbench.config.policy import PolicyError
 
         for reason in exc.reasons if isinstance(exc, PolicyError) else [str(exc)]:  # one line per reason
             print(f"error: {reason}", file=sys.stderr)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _gate(preset):
     """The policy gate every CLI entry point passes (policy.py); shared mode when WORKBENCH_SHARED=1."""
-    from workbench.policy import cli_mode, enforce
+    from workbench.config.policy import cli_mode, enforce
 
     enforce(preset, cli_mode())
     return preset
@@ -124,7 +124,7 @@ def _output_file(path: Path, flag: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from workbench.presets import load_preset, select_variants
+    from workbench.config.presets import load_preset, select_variants
 
     preset = load_preset(args.preset)
     if args.only:
@@ -141,8 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from workbench.report import budget_verdict, format_table, protocol_summary, sensitivity_text
-    from workbench.runner import Runner
+    from workbench.views.report import budget_verdict, format_table, protocol_summary, sensitivity_text
+    from workbench.running.runner import Runner
 
     address = args.ray if args.ray is not None else preset.ray
     if address is not None and args.out is not None and not args.out.is_absolute():
@@ -168,32 +168,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
         bar.close()
         if started_ray:
-            from workbench.scaleout import shutdown
+            from workbench.running.scaleout import shutdown
 
             shutdown()
     if result["model"].get("note"):
         print(f"note: {result['model']['note']}")
     print(format_table(result))
-    from workbench.validity import flags_text
+    from workbench.data.validity import flags_text
 
     if flags_text(result):
         print(flags_text(result))
     if budget_verdict(result):
         print(budget_verdict(result))
     print(protocol_summary(result))
-    from workbench.report import speed_note
+    from workbench.views.report import speed_note
 
     if speed_note(result):
         print(speed_note(result))
     from workbench.planning.planner import estimate_vs_actual
-    from workbench.roofline import roofline_text
+    from workbench.planning.roofline import roofline_text
 
     for text in (roofline_text(result), estimate_vs_actual(result)):
         if text:
             print(text)
     if result.get("sensitivity"):
         print(sensitivity_text(result["sensitivity"]))
-    from workbench.robustness import calibration_groups, robustness_text
+    from workbench.analysis.robustness import calibration_groups, robustness_text
 
     if calibration_groups(result):
         print(robustness_text(calibration_groups(result)))
@@ -212,7 +212,7 @@ def _ray_executor(address: str | None, presets: list, retries: int):
         return None, False
     if retries < 0:
         raise WorkbenchError("--ray-retries must be 0 or more")
-    from workbench import scaleout
+    from workbench.running import scaleout
 
     scaleout.task_environment()  # refuses a relative WORKBENCH_HOME before connecting
     started = scaleout.connect(address)
@@ -222,8 +222,8 @@ def _ray_executor(address: str | None, presets: list, retries: int):
 def cmd_sweep(args: argparse.Namespace) -> int:
     import threading
 
-    from workbench.presets import load_preset
-    from workbench.sweep import expand, run_sweep, summary_table
+    from workbench.config.presets import load_preset
+    from workbench.running.sweep import expand, run_sweep, summary_table
 
     presets = [load_preset(path) for path in args.presets]
     if args.trust_remote_code:
@@ -255,7 +255,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         if started_ray:
-            from workbench.scaleout import shutdown
+            from workbench.running.scaleout import shutdown
 
             shutdown()
     print(summary_table(runs))
@@ -264,7 +264,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from workbench.planning.planner import plan_preset_file, plan_text
-    from workbench.presets import load_preset
+    from workbench.config.presets import load_preset
 
     preset = load_preset(args.preset)
     if args.trust_remote_code:
@@ -302,7 +302,7 @@ def cmd_list_methods(_args: argparse.Namespace) -> int:
 
 
 def cmd_history(_args: argparse.Namespace) -> int:
-    from workbench.store import History
+    from workbench.data.store import History
 
     history = History()
     runs = history.runs()
@@ -316,7 +316,7 @@ def cmd_history(_args: argparse.Namespace) -> int:
 
 
 def _stored_run(run_id: str) -> dict:
-    from workbench.store import History
+    from workbench.data.store import History
 
     run = History().load_run(run_id)
     if run is None:
@@ -325,7 +325,7 @@ def _stored_run(run_id: str) -> dict:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from workbench.bundle import write_bundle
+    from workbench.views.bundle import write_bundle
 
     run = _stored_run(args.run_id)
     write_bundle(run, Path(run["out_dir"]), args.out)
@@ -334,7 +334,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from workbench.bundle import reproduce
+    from workbench.views.bundle import reproduce
 
     if not args.bundle.is_file():
         raise WorkbenchError(f"bundle {args.bundle} does not exist")
@@ -354,7 +354,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from workbench.report import export_csv, export_html, export_json, markdown_table, protocol_summary
+    from workbench.views.report import export_csv, export_html, export_json, markdown_table, protocol_summary
 
     if not (args.csv or args.json or args.markdown or args.html):
         raise WorkbenchError("export needs --csv, --json, --markdown and/or --html FILE")
@@ -379,7 +379,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_export_model(args: argparse.Namespace) -> int:
-    from workbench.export_model import export_model
+    from workbench.views.export_model import export_model
 
     summary = export_model(_stored_run(args.run_id), args.variant, args.out, args.max_shard_size)
     print(f"wrote {len(summary['shards'])} safetensors shard(s) to {summary['out_dir']}"

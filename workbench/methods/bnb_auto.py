@@ -9,10 +9,10 @@ The torch side of mixed precision under a budget (gguf-auto is the llama.cpp sid
 2. Sensitivity: each block's Linear weights, dequantized from that quantized model (bitsandbytes' own
    dequantization, so the values are the ones its kernels use), are swapped into the float32 model one
    block at a time, and the KLD to the unmodified model is measured on a short slice of calibration
-   text (never the eval text) by `workbench.sensitivity.KLDProbe`. As for gguf-auto this measures weight
+   text (never the eval text) by `workbench.analysis.sensitivity.KLDProbe`. As for gguf-auto this measures weight
    error, not the low-bit kernels' own arithmetic; the table is cached per input and quantization.
 3. Every block is then a unit with two options, quantized (its measured KLD) or float (zero KLD), and
-   `workbench.mixed_precision` assigns them: the blocks that save the most KLD per extra byte stay float
+   `workbench.analysis.mixed_precision` assigns them: the blocks that save the most KLD per extra byte stay float
    until the budget would be exceeded (exact dynamic programming; the greedy KLD-per-byte walk's choice
    is recorded beside it, and equals it whenever the blocks are the same size, as in most models).
 4. The artifact is built like any bnb variant with `llm_int8_skip_modules` naming the kept blocks, and its
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from workbench.calibration import CalibrationSpec, calibration_sequences, describe
+from workbench.data.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
 from workbench.methods.base import (DTYPE_BYTES, BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate,
                                     SizeInput)
@@ -121,7 +121,7 @@ def measure_blocks(reference: Any, quantized: Any, sequences: list[list[int]], e
     import torch
 
     from workbench.runtimes.torch import float_weight
-    from workbench.sensitivity import KLDProbe
+    from workbench.analysis.sensitivity import KLDProbe
 
     probe = KLDProbe(reference, sequences)
     klds: dict[int, float] = {}
@@ -197,9 +197,9 @@ class BnbAuto(Method):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from workbench.environment import library_versions
-        from workbench.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
+        from workbench.analysis.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
         from workbench.runtimes.torch import state_bytes
-        from workbench.sensitivity import sensitivity_cache
+        from workbench.analysis.sensitivity import sensitivity_cache
 
         assert isinstance(options, BnbAutoOptions)
         require_bitsandbytes()

@@ -4,7 +4,7 @@
 compressed-tensors checkpoint (packed int4/int8 + scales) that transformers loads back; `sparsegpt`
 and `wanda` prune to a sparsity (unstructured or an N:M mask such as 2:4) and save dense weights with
 zeros, so a later stage (e.g. gguf) can take them. Calibration sequences come from
-workbench/calibration.py and never overlap the evaluation text.
+workbench/data/calibration.py and never overlap the evaluation text.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from workbench.calibration import CalibrationSpec, calibration_sequences, describe
+from workbench.data.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
 from workbench.methods.base import (DTYPE_BYTES, BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput,
                                     check_sparsity, dense_with_zeros)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from workbench.metrics.windows import Window, plan_windows, scored_count
-from workbench.validity import with_bos
+from workbench.data.validity import with_bos
 
 REFERENCE_DTYPES = {"float16": np.float16, "float32": np.float32}
 

@@ -165,7 +165,7 @@ def path_fields(preset: Any) -> Iterator[tuple[str, str]]:
     """(where, value) of every file-naming field in the preset that holds a path rather than a keyword."""
     from workbench.methods.registry import get_method, method_names
 
-    from workbench.sources import classify_model
+    from workbench.data.sources import classify_model
 
     if classify_model(preset.model).is_local:
         yield "model", preset.model

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from workbench.presets import LatencySpec, LmEvalSpec, SamplesSpec
+from workbench.config.presets import LatencySpec, LmEvalSpec, SamplesSpec
 
 
 def _plain(value: Any) -> Any:

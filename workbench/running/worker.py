@@ -17,7 +17,7 @@ from workbench.environment import library_versions
 from workbench.methods.base import BuildContext
 from workbench.methods.registry import get_method
 from workbench.paths import artifacts_dir
-from workbench.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult, RuntimeInfo, StageBuild
+from workbench.running.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult, RuntimeInfo, StageBuild
 from workbench.runtimes.base import Variant
 
 Emit = Callable[[str], None]
@@ -96,7 +96,7 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
     from workbench.metrics.memory import gpu_peak_bytes, peak_rss_bytes
     from workbench.metrics.quality import QUALITY_METRICS
     from workbench.metrics.sparsity import sparsity_report
-    from workbench.roofline import weights_read
+    from workbench.planning.roofline import weights_read
     from workbench.runtimes import load_variant
     from workbench.runtimes.torch import pick_device
 
@@ -174,7 +174,7 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
 def _timed_latency(variant: Variant, tokens: list[int], request: MeasureRequest) -> tuple[dict, dict, dict | None]:
     """(latency metrics, per-repeat detail, the engine's own clock over the same runs or None)."""
     from workbench.metrics.latency import measure_latency
-    from workbench.validity import with_bos
+    from workbench.data.validity import with_bos
 
     spec = request.latency
     variant.reset_perf_counters()
@@ -269,10 +269,10 @@ def prepare_source(payload: dict, emit: Emit) -> dict:
     tokenize the eval text once into eval_tokens.json."""
     from transformers import AutoTokenizer
 
-    from workbench import validity
-    from workbench.evaltext import eval_text, eval_token_ids
+    from workbench.data import validity
+    from workbench.data.evaltext import eval_text, eval_token_ids
     from workbench.runtimes.torch import pick_device
-    from workbench.sources import resolve_source
+    from workbench.data.sources import resolve_source
 
     device = pick_device(payload["device"])  # before the model is prepared: a CPU machine refuses cuda in seconds
     source = resolve_source(payload["model"], payload["trust_remote_code"], emit,
@@ -288,7 +288,7 @@ def prepare_source(payload: dict, emit: Emit) -> dict:
     agreement = None
     gguf_metadata = None
     if source.gguf_file:
-        from workbench.gguf_info import gguf_metadata as read_metadata
+        from workbench.data.gguf_info import gguf_metadata as read_metadata
 
         emit("checking the tokenizer against the GGUF file's own")
         agreement = validity.gguf_tokenizer_agreement(Path(source.gguf_file), scored_text, ids)

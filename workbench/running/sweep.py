@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from workbench.presets import Preset
+from workbench.config.presets import Preset
 
 
 @dataclass
@@ -45,8 +45,8 @@ def run_sweep(
     cancel: threading.Event | None = None,
 ) -> list[SweepRun]:
     """Run every preset as its own Runner; concurrently when `executor_for` gives each an executor (Ray)."""
-    from workbench.runner import Runner
-    from workbench.store import History
+    from workbench.running.runner import Runner
+    from workbench.data.store import History
 
     History().close()  # migrate once here, before several threads open the database at once
     from workbench.planning.machine import machine_profile

@@ -14,9 +14,36 @@ from workbench.errors import WorkbenchError
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
+        return int(exc.code or 0)
+    try:
+        return {"run": cmd_run, "list-methods": cmd_list_methods, "history": cmd_history, "export": cmd_export,
+                "bundle": cmd_bundle, "plan": cmd_plan, "selfcheck": cmd_selfcheck,
+                "reproduce": cmd_reproduce, "sweep": cmd_sweep, "export-model": cmd_export_model}[args.command](args)
+    except WorkbenchError as exc:
+        from workbench.config.policy import PolicyError
+
+        for reason in exc.reasons if isinstance(exc, PolicyError) else [str(exc)]:  # one line per reason
+            print(f"error: {reason}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand with its arguments, in the order `--help` lists them."""
     parser = argparse.ArgumentParser(prog="python -m workbench", description="Squeeze Bench: compare compressed LLM variants.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_parsers(commands)
+    _add_record_parsers(commands)
+    _add_check_parsers(commands)
+    _add_export_parsers(commands)
+    return parser
 
+
+def _add_run_parsers(commands) -> None:
+    """`run` and `sweep`: presets that build and measure variants."""
     run = commands.add_parser("run", help="build and measure every variant of a preset")
     run.add_argument("preset", help="path to a preset YAML file (see presets/)")
     run.add_argument("--out", type=Path, help="output folder (default: $WORKBENCH_HOME/runs/RUN_ID)")
@@ -35,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--ray-retries", type=int, default=2, help="Ray retries of a task whose node was lost (default 2)")
     sweep.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped with the weights")
 
+
+def _add_record_parsers(commands) -> None:
+    """The methods and the stored runs: `list-methods`, `history`, `bundle`, `reproduce`."""
     commands.add_parser("list-methods", help="methods with their options, defaults and help")
     commands.add_parser("history", help="runs stored in the history database")
 
@@ -49,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("--trust-remote-code", action="store_true",
                            help="let the bundle's model run code shipped with its weights")
 
+
+def _add_check_parsers(commands) -> None:
+    """Checks before and beside a run: `plan` (estimates) and `selfcheck` (reference figures)."""
     plan = commands.add_parser("plan", help="estimate each variant's weight memory and time before anything loads")
     plan.add_argument("preset", help="path to a preset YAML file")
     plan.add_argument("--memory-budget-gb", type=float, help="flag variants whose estimated peak memory exceeds this "
@@ -63,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     selfcheck.add_argument("--full", action="store_true",
                            help="also run the gpt2-large WikiText-2 check on a CPU (hours; it runs on a GPU anyway)")
 
+
+def _add_export_parsers(commands) -> None:
+    """`export` (a stored run's tables and report) and `export-model` (a variant's weights)."""
     export = commands.add_parser("export", help="export a stored run")
     export.add_argument("run_id")
     export.add_argument("--csv", type=Path, help="write one row per variant to this CSV file")
@@ -75,21 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     export_model.add_argument("variant")
     export_model.add_argument("--out", type=Path, required=True, help="an empty or new folder")
     export_model.add_argument("--max-shard-size", default="200MB", help="largest shard, e.g. 200MB, 1GB (default 200MB)")
-
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
-        return int(exc.code or 0)
-    try:
-        return {"run": cmd_run, "list-methods": cmd_list_methods, "history": cmd_history, "export": cmd_export,
-                "bundle": cmd_bundle, "plan": cmd_plan, "selfcheck": cmd_selfcheck,
-                "reproduce": cmd_reproduce, "sweep": cmd_sweep, "export-model": cmd_export_model}[args.command](args)
-    except WorkbenchError as exc:
-        from workbench.config.policy import PolicyError
-
-        for reason in exc.reasons if isinstance(exc, PolicyError) else [str(exc)]:  # one line per reason
-            print(f"error: {reason}", file=sys.stderr)
-        return 2
 
 
 def _gate(preset):
@@ -385,3 +406,4 @@ def cmd_export_model(args: argparse.Namespace) -> int:
     print(f"wrote {len(summary['shards'])} safetensors shard(s) to {summary['out_dir']}"
           + (f" with {summary['index']} ({summary['total_size']} bytes of tensors)" if summary["index"] else ""))
     return 0
+

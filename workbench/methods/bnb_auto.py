@@ -31,8 +31,8 @@ from pydantic import Field, model_validator
 
 from workbench.data.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
-from workbench.methods.base import (DTYPE_BYTES, BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate,
-                                    SizeInput)
+from workbench.methods.base import (DTYPE_BYTES, BuildContext, BuildSpeed, Method, MethodOptions, ShapeCheck,
+                                    SizeEstimate, SizeInput)
 from workbench.methods.bnb import bnb_config, block_skip_pattern, four_bit_bytes, int8_bytes, require_bitsandbytes
 
 if TYPE_CHECKING:
@@ -191,6 +191,20 @@ class BnbAuto(Method):
         assert isinstance(options, BnbAutoOptions)
         tokens = options.sensitivity.samples * options.sensitivity.seq_len
         return 2 * speed.io_s() + shape.params() * 1e-8 + shape.layers * speed.forward_s(tokens, shape.params())
+
+    def refusals(self, options: MethodOptions, check: ShapeCheck) -> list[str]:
+        """A budget clearly below the smallest model bnb-auto can make (as the last stage, where it sets the size).
+
+        Only a budget below the estimate by more than 1 % (the planner's error on bnb formats) is refused here;
+        one nearer the edge is checked exactly by the build, which then fails that variant alone."""
+        assert isinstance(options, BnbAutoOptions)
+        if not check.last:
+            return []
+        floor, _ = self.bounds(check.shape, check.rest, options)
+        if options.target_mb * 1e6 >= 0.99 * floor:
+            return []
+        return [f"target_mb {options.target_mb:g} is below the smallest model bnb-auto can make from {check.model} "
+                f"(about {floor / 1e6:.2f} MB with every block {options.quant}); raise target_mb"]
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         import torch

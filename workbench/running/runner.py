@@ -162,17 +162,19 @@ class Runner:
         return run
 
     def _check_before_preparing(self) -> None:
-        """Group sizes and bnb-auto budgets against the model's shape, from its config: seconds, not a calibration's minutes."""
+        """What the methods refuse from the model's shape (`Method.refusals`), read from its config: seconds, not a
+        calibration's minutes."""
+        from workbench.config.policy import shape_refusals
+        from workbench.methods.registry import get_method
         from workbench.planning.modelshape import read_shape
-        from workbench.config.policy import budget_refusals, group_size_refusals
 
-        if not any(s.method in ("gptq", "awq", "bnb-auto") for v in self.preset.variants for s in v.stages()):
+        if not any(get_method(s.method).checks_shape() for v in self.preset.variants for s in v.stages()):
             return
         try:
             shape, _ = read_shape(self.preset.model, self.preset.trust_remote_code)
         except WorkbenchError:  # ShapeError and the like: preparing the model will say what is wrong
             return
-        reasons = group_size_refusals(self.preset, shape) + budget_refusals(self.preset, shape)
+        reasons = shape_refusals(self.preset, shape)
         if reasons:
             from workbench.config.policy import PolicyError
 

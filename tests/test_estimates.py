@@ -87,7 +87,7 @@ class Half(Method):
 def half_registered() -> Any:
     from workbench.methods import registry
 
-    register_method("test-half", f"{__name__}:Half")  # the one line a new method needs
+    register_method(Half)  # the one line a new method needs
     yield
     registry._REGISTRY.pop("test-half")  # later tests list the project's methods only
     get_method.cache_clear()

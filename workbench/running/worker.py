@@ -16,7 +16,7 @@ from workbench import ARTIFACT_FORMAT
 from workbench.cache import cached_folder, key_hash
 from workbench.environment import library_versions
 from workbench.methods.base import BuildContext
-from workbench.methods.registry import get_method
+from workbench.methods.registry import get_method, register_targets
 from workbench.paths import artifacts_dir
 from workbench.running.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult, RuntimeInfo, StageBuild
 from workbench.runtimes.base import Footprint, Variant
@@ -54,6 +54,7 @@ def build_artifact(payload: dict, emit: Emit) -> dict:
     import torch
 
     request = BuildRequest.from_payload(payload)
+    register_targets(request.methods)
     torch.set_num_threads(request.threads)
     device = pick_device(request.device)
     ctx = BuildContext(device=device, threads=request.threads, trust_remote_code=request.trust_remote_code,

@@ -39,14 +39,14 @@ def workbench_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _calibrate_once(home: Path) -> None:
     """Under pytest-xdist the other test worker keeps the cores busy, so every run's machine calibration would see
-    contention and, by design (roofline.machine_profile), not be cached: each run would calibrate again, a worker
+    contention and, by design (planning.machine.machine_profile), not be cached: each run would calibrate again, a worker
     process and several seconds per run. Calibrate once per session for the thread counts the tests use, in a real
     worker process, and store the result as the cached profile, as an uncontended first run would have. Tests of
     the contention rule itself (test_roofline.py) use their own home and fake machines."""
     import json
 
     from workbench.process import run_in_worker
-    from workbench.planning.roofline import PROFILE_FILE, _profile_key
+    from workbench.planning.machine import PROFILE_FILE, _profile_key
 
     (home / "logs").mkdir(parents=True, exist_ok=True)
     outcome = run_in_worker("tests.worker_targets:calibrate_thread_counts", {"threads": [1, 2]},

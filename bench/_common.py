@@ -13,9 +13,9 @@ def prepared(preset_path: str) -> tuple[Any, Any, list[int]]:
     """(preset, source, eval token ids) exactly as a run would tokenize them."""
     from transformers import AutoTokenizer
 
-    from workbench.evaltext import eval_text, eval_token_ids
-    from workbench.presets import load_preset
-    from workbench.sources import resolve_source
+    from workbench.data.evaltext import eval_text, eval_token_ids
+    from workbench.config.presets import load_preset
+    from workbench.data.sources import resolve_source
 
     preset = load_preset(preset_path)
     source = resolve_source(preset.model)
@@ -26,8 +26,8 @@ def prepared(preset_path: str) -> tuple[Any, Any, list[int]]:
 
 def built_artifact(source: Any, method: str, options: dict, threads: int) -> Path:
     """The artifact a run would build (and cache) for one method."""
-    from workbench.handoff import BuildRequest, BuildResult
-    from workbench.worker import build_artifact
+    from workbench.running.handoff import BuildRequest, BuildResult
+    from workbench.running.worker import build_artifact
 
     request = BuildRequest(stages=[{"method": method, "options": options}], source_dir=str(source.hf_dir),
                            source_fingerprint=source.fingerprint,

@@ -53,7 +53,7 @@ def ensure_run(preset_yaml: str, rerun: bool = False) -> str:
     """The id of the newest complete run of this preset in the bench home; runs the CLI first if there is none."""
     import yaml
 
-    from workbench.store import History
+    from workbench.data.store import History
 
     name = yaml.safe_load(preset_yaml)["name"]
 

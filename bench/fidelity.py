@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--preset", default="presets/quickstart.yaml")
     args = parser.parse_args()
 
-    from workbench.presets import load_preset, select_variants
-    from workbench.runner import Runner
+    from workbench.config.presets import load_preset, select_variants
+    from workbench.running.runner import Runner
 
     preset = load_preset(args.preset)
     preset = select_variants(preset, [preset.baseline])

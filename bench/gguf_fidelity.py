@@ -22,8 +22,8 @@ def main() -> None:
     parser.add_argument("--preset", default="presets/quickstart.yaml")
     args = parser.parse_args()
 
-    from workbench.presets import VariantSpec, load_preset
-    from workbench.runner import Runner
+    from workbench.config.presets import VariantSpec, load_preset
+    from workbench.running.runner import Runner
 
     preset = load_preset(args.preset)
     preset = preset.model_copy(update={"baseline": "fp32", "variants": [

@@ -30,8 +30,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from workbench.environment import library_versions
-    from workbench.presets import VariantSpec, load_preset
-    from workbench.runner import Runner
+    from workbench.config.presets import VariantSpec, load_preset
+    from workbench.running.runner import Runner
 
     preset = load_preset(args.preset)
     options = {"bits": 4, "group_size": args.group_size, "symmetric": args.symmetric,

@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the run's records (JSON) here")
     args = parser.parse_args()
 
-    from workbench.presets import VariantSpec
-    from workbench.runner import Runner
+    from workbench.config.presets import VariantSpec
+    from workbench.running.runner import Runner
 
     preset, source, _tokens = prepared(args.preset)
     candidates = args.candidates.split(",")

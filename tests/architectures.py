@@ -95,7 +95,7 @@ def trained_tokenizer(adds_bos: bool, extra_special: tuple[str, ...] = ()) -> An
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from workbench.evaltext import pydoc_calibration_text
+    from workbench.data.evaltext import pydoc_calibration_text
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

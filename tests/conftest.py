@@ -38,14 +38,14 @@ def workbench_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _calibrate_once(home: Path) -> None:
     """Under pytest-xdist the other test worker keeps the cores busy, so every run's machine calibration would see
-    contention and, by design (roofline.machine_profile), not be cached: each run would calibrate again, a worker
+    contention and, by design (planning.machine.machine_profile), not be cached: each run would calibrate again, a worker
     process and several seconds per run. Calibrate once per session for the thread counts the tests use, in a real
     worker process, and store the result as the cached profile, as an uncontended first run would have. Tests of
     the contention rule itself (test_roofline.py) use their own home and fake machines."""
     import json
 
     from workbench.process import run_in_worker
-    from workbench.roofline import PROFILE_FILE, _profile_key
+    from workbench.planning.machine import PROFILE_FILE, _profile_key
 
     (home / "logs").mkdir(parents=True, exist_ok=True)
     outcome = run_in_worker("tests.worker_targets:calibrate_thread_counts", {"threads": [1, 2]},
@@ -59,7 +59,7 @@ def _tiny_tokenizer():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from workbench.evaltext import pydoc_calibration_text
+    from workbench.data.evaltext import pydoc_calibration_text
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -114,7 +114,7 @@ def bundled_source(tmp_path_factory: pytest.TempPathFactory):
     import shutil
 
     from workbench.paths import sources_dir
-    from workbench.sources import BUNDLED, resolve_source
+    from workbench.data.sources import BUNDLED, resolve_source
 
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return resolve_source(BUNDLED)

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from tests.architectures import ARCHS, build_hf_folder, plain_perplexity, write_gguf
-from workbench.presets import load_preset
-from workbench.runner import Runner
+from workbench.config.presets import load_preset
+from workbench.running.runner import Runner
 
 pytestmark = pytest.mark.slow
 

@@ -1,6 +1,6 @@
 """bnb-auto: bitsandbytes with the most sensitive blocks kept float within target_mb, on the tiny random Llama.
 
-The shared assignment (workbench.mixed_precision) is checked against brute force in tests/test_gguf_mixed.py
+The shared assignment (workbench.analysis.mixed_precision) is checked against brute force in tests/test_gguf_mixed.py
 (`test_keep_in_float_choice_meets_the_budget_and_matches_brute_force` covers bnb-auto's two-option tables).
 """
 
@@ -98,7 +98,7 @@ def test_bnb_auto_keeps_exactly_the_chosen_blocks_in_float_within_the_budget(qua
 
 
 def test_budget_below_the_all_quantized_size_is_refused_with_the_smallest_size(sizes, tiny_model_dir, tmp_path) -> None:
-    from workbench.mixed_precision import BudgetError
+    from workbench.analysis.mixed_precision import BudgetError
 
     floor = sizes["nf4"]
     with pytest.raises(BudgetError, match=rf"^a budget of {floor * 0.995 / 1e6:.2f} MB is below the smallest model "
@@ -133,7 +133,7 @@ def test_too_small_budget_is_a_bad_argument_before_anything_runs(write_preset, c
 
 def test_options_are_typed_and_refuse_options_of_the_other_type() -> None:
     from workbench.errors import PresetError
-    from workbench.presets import parse_preset
+    from workbench.config.presets import parse_preset
 
     base = {"name": "t", "model": "bundled:smollm2-135m-instruct", "baseline": "fp32"}
     cases = [({"quant": "nf4"}, "target_mb"), ({"target_mb": 50, "quant": "int4"}, "quant"),

@@ -7,11 +7,11 @@ import zipfile
 
 import pytest
 
-from workbench.bundle import compare_runs, read_bundle, reproduce
+from workbench.views.bundle import compare_runs, read_bundle, reproduce
 from workbench.cli import main
 from workbench.errors import WorkbenchError
-from workbench.presets import load_preset
-from workbench.runner import Runner
+from workbench.config.presets import load_preset
+from workbench.running.runner import Runner
 
 
 def test_bundle_reproduces_quality_figures_exactly(write_preset, tmp_path, capsys) -> None:

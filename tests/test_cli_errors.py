@@ -16,7 +16,7 @@ import yaml
 
 from workbench.cli import main
 from workbench.errors import WorkbenchError
-from workbench.store import History
+from workbench.data.store import History
 
 ROOT = Path(__file__).parent.parent
 BUNDLED = "bundled:smollm2-135m-instruct"
@@ -123,7 +123,7 @@ def test_group_size_is_checked_against_the_model_widths_first(command, tmp_path,
     ("truncated", None, "its header or tensor table cannot be read (truncated or corrupted"),
 ])
 def test_damaged_gguf_model_is_described_as_damaged(kind, content, what, tmp_path, bundled_source) -> None:
-    from workbench.sources import resolve_source
+    from workbench.data.sources import resolve_source
 
     bad = tmp_path / f"{kind}.gguf"
     bad.write_bytes(content if content is not None else Path(bundled_source.gguf_file).read_bytes()[:2_000_000])
@@ -145,7 +145,7 @@ def test_damaged_gguf_model_through_the_cli(tmp_path, capsys) -> None:
 
 
 def test_first_line_of_an_error_never_doubles_the_full_stop() -> None:
-    from workbench.sources import _first_line
+    from workbench.data.sources import _first_line
 
     assert _first_line(ValueError("GGUF model with architecture foo is not supported yet.\nmore")) == \
         "GGUF model with architecture foo is not supported yet"
@@ -153,8 +153,8 @@ def test_first_line_of_an_error_never_doubles_the_full_stop() -> None:
 
 
 def test_table_shows_a_dash_for_missing_figures_when_every_variant_failed() -> None:
-    from workbench.report import format_table
-    from workbench.runner import METRIC_NAMES
+    from workbench.views.report import format_table
+    from workbench.running.runner import METRIC_NAMES
 
     failed = {"name": "a", "method": "fp32", "status": "failed", "error": "build: boom", "honesty": None,
               "metrics": {m: None for m in METRIC_NAMES}}

@@ -59,8 +59,8 @@ def test_time_budget_too_small_for_one_step(teacher) -> None:
 
 
 def test_distilled_variant_runs_and_records_its_loss_curve(write_preset, tmp_path) -> None:
-    from workbench.presets import load_preset
-    from workbench.runner import Runner
+    from workbench.config.presets import load_preset
+    from workbench.running.runner import Runner
 
     path = write_preset([{"name": "fp32", "method": "fp32"},
                          {"name": "student", "method": "distill",

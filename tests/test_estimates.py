@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from workbench.calibration import CalibrationSpec
+from workbench.data.calibration import CalibrationSpec
 from workbench.methods.base import Method, MethodOptions, SizeEstimate, SizeInput
 from workbench.methods.registry import get_method, method_names, register_method
 from workbench.planning.modelshape import shape_from_config
@@ -87,7 +87,7 @@ class Half(Method):
 def half_registered() -> Any:
     from workbench.methods import registry
 
-    register_method("test-half", f"{__name__}:Half")  # the one line a new method needs
+    register_method(Half)  # the one line a new method needs
     yield
     registry._REGISTRY.pop("test-half")  # later tests list the project's methods only
     get_method.cache_clear()
@@ -95,7 +95,7 @@ def half_registered() -> Any:
 
 def test_a_method_defined_in_a_test_plans_with_its_own_estimate(tiny_model_dir: Path, half_registered: Any) -> None:
     from workbench.planning.modelshape import shape_from_folder
-    from workbench.presets import parse_preset
+    from workbench.config.presets import parse_preset
 
     preset = parse_preset({"name": "t", "model": str(tiny_model_dir), "baseline": "fp32",
                            "variants": [{"name": "fp32", "method": "fp32"},
@@ -110,7 +110,7 @@ def test_a_method_defined_in_a_test_plans_with_its_own_estimate(tiny_model_dir: 
 
 
 def test_one_function_classifies_model_strings(tmp_path: Path, tiny_model_dir: Path) -> None:
-    from workbench.sources import BUNDLED, classify_model
+    from workbench.data.sources import BUNDLED, classify_model
 
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     (tmp_path / "notes.txt").write_text("x")
@@ -126,7 +126,7 @@ def test_one_function_classifies_model_strings(tmp_path: Path, tiny_model_dir: P
 
 def test_planner_fingerprint_of_a_folder_is_the_one_the_source_gets(tiny_model_dir: Path) -> None:
     from workbench.planning.planner import _source_state
-    from workbench.sources import resolve_source
+    from workbench.data.sources import resolve_source
 
     assert _source_state(str(tiny_model_dir)) == (resolve_source(str(tiny_model_dir)).fingerprint, None)
 
@@ -134,13 +134,13 @@ def test_planner_fingerprint_of_a_folder_is_the_one_the_source_gets(tiny_model_d
 def test_planner_sees_a_converted_gguf_source_as_prepared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The conversion's cache key is computed in sources.py only: once resolve_source has converted a GGUF
     source, the plan finds the folder (the conversion itself is replaced by a stub writing one file)."""
-    import workbench.gguf_info
-    import workbench.sources as sources
+    import workbench.data.gguf_info
+    import workbench.data.sources as sources
     from workbench.planning.planner import _source_state
 
     gguf = tmp_path / "stub.gguf"
     gguf.write_bytes(b"GGUF not a real model " + tmp_path.name.encode())  # a fingerprint no other test shares
-    monkeypatch.setattr(workbench.gguf_info, "check_gguf_readable", lambda _path: None)
+    monkeypatch.setattr(workbench.data.gguf_info, "check_gguf_readable", lambda _path: None)
     monkeypatch.setattr(sources, "_convert_gguf", lambda _gguf, out, _emit=None: (out / "config.json").write_text("{}"))
     fingerprint, note = _source_state(str(gguf))
     assert note is not None and "converted" in note  # not converted yet

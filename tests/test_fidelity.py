@@ -277,8 +277,8 @@ def test_generation_agreement() -> None:
 def test_run_pairs_every_variant_with_the_baselines_items(write_preset, tmp_path) -> None:
     import json
 
-    from workbench.presets import load_preset
-    from workbench.runner import Runner
+    from workbench.config.presets import load_preset
+    from workbench.running.runner import Runner
 
     path = write_preset([{"name": "fp32", "method": "fp32"}, {"name": "bf16", "method": "bf16"}], name="flips",
                         lm_eval={"tasks": ["pydoc_lastword"], "limit": 12, "batch_size": 4})
@@ -312,7 +312,7 @@ def test_run_pairs_every_variant_with_the_baselines_items(write_preset, tmp_path
         assert m[key] is not None, key
     assert len(m["ppl_ratio_ci95"]) == 2 and m["ppl_indistinguishable"] in (True, False)
 
-    from workbench.report import INDISTINGUISHABLE_TEXT, fidelity_table, flips_table, format_table
+    from workbench.views.report import INDISTINGUISHABLE_TEXT, fidelity_table, flips_table, format_table
 
     assert "ppl ratio [95% CI]" in format_table(run)
     # The mark and its legend appear when a variant other than the baseline has an interval containing 1.

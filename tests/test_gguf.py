@@ -11,8 +11,8 @@ import pytest
 from workbench.errors import PresetError, WorkbenchError
 from workbench.methods.base import BuildContext
 from workbench.methods.gguf import GGUF, GGUFOptions
-from workbench.presets import load_preset, parse_preset
-from workbench.runner import Runner
+from workbench.config.presets import load_preset, parse_preset
+from workbench.running.runner import Runner
 
 CTX = BuildContext(device="cpu", threads=2, trust_remote_code=False, emit=lambda _m: None)
 SHORT = {"eval": {"text": "pydoc", "max_tokens": 256, "context": 128, "stride": 128},

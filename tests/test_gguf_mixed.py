@@ -13,7 +13,7 @@ import pytest
 
 from workbench.errors import WorkbenchError
 from workbench.methods.base import BuildContext
-from workbench.mixed_precision import BudgetError, Option, greedy, optimal, total_bytes, total_kld
+from workbench.analysis.mixed_precision import BudgetError, Option, greedy, optimal, total_bytes, total_kld
 
 CTX = BuildContext(device="cpu", threads=2, trust_remote_code=False, emit=lambda _m: None)
 SMALL_CALIBRATION = {"samples": 4, "seq_len": 64, "text": "pydoc", "seed": 0}
@@ -198,8 +198,8 @@ def test_imatrix_values_equal_a_plain_recomputation(tiny_smol_dir) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workbench.calibration import CalibrationSpec, calibration_sequences
-    from workbench.imatrix import collect_imatrix, hf_to_gguf_name_map
+    from workbench.data.calibration import CalibrationSpec, calibration_sequences
+    from workbench.analysis.imatrix import collect_imatrix, hf_to_gguf_name_map
 
     model = AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32).eval()
     sequences = calibration_sequences(AutoTokenizer.from_pretrained(tiny_smol_dir), CalibrationSpec(**SMALL_CALIBRATION))
@@ -259,8 +259,8 @@ def test_types_needing_an_imatrix_are_exactly_those_llama_cpp_refuses(wide_f16, 
 
 
 def test_imatrix_type_is_refused_without_and_built_with_a_matrix(wide_smol_dir, tmp_path) -> None:
-    from workbench.gguf_info import GGUF_NAME
-    from workbench.imatrix import IMATRIX_FILE, load_imatrix
+    from workbench.data.gguf_info import GGUF_NAME
+    from workbench.analysis.imatrix import IMATRIX_FILE, load_imatrix
     from workbench.methods.gguf import GGUF, GGUFOptions
 
     with pytest.raises(WorkbenchError, match="IQ2_XXS needs an importance matrix: add imatrix: .* types that work "
@@ -286,9 +286,9 @@ def test_imatrix_lowers_the_importance_weighted_error(wide_smol_dir, wide_f16, t
     """The matrix reaches the quantizer: Q3_K rounding error weighted by the matrix falls when it is given."""
     import gguf
 
-    from workbench.imatrix import compute_imatrix
+    from workbench.analysis.imatrix import compute_imatrix
     from workbench.methods.gguf import quantize_gguf
-    from workbench.calibration import CalibrationSpec
+    from workbench.data.calibration import CalibrationSpec
     from workbench.methods.gguf_auto import dequantized, read_tensors
 
     matrix, _ = compute_imatrix(wide_smol_dir, wide_f16, CalibrationSpec(**SMALL_CALIBRATION), False)
@@ -308,7 +308,7 @@ def test_imatrix_lowers_the_importance_weighted_error(wide_smol_dir, wide_f16, t
 
 
 def test_overrides_change_exactly_the_tensors_their_patterns_name(tiny_smol_dir, tmp_path) -> None:
-    from workbench.gguf_info import GGUF_NAME
+    from workbench.data.gguf_info import GGUF_NAME
     from workbench.planning.gguf_plan import predict
     from workbench.methods.gguf import GGUF, GGUFOptions
     from workbench.methods.gguf_auto import read_tensors
@@ -335,7 +335,7 @@ def test_overrides_change_exactly_the_tensors_their_patterns_name(tiny_smol_dir,
 
 def test_bad_override_pattern_or_float_file_is_refused() -> None:
     from workbench.errors import PresetError
-    from workbench.presets import parse_preset
+    from workbench.config.presets import parse_preset
 
     base = {"name": "t", "model": "bundled:smollm2-135m-instruct", "baseline": "fp32"}
     with pytest.raises(PresetError, match=r"tensor_types pattern 'blk\\.\(' is not a regular expression"):
@@ -354,8 +354,8 @@ def test_torch_swap_reproduces_the_quantized_file(tiny_smol_dir, tmp_path) -> No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workbench.gguf_info import GGUF_NAME
-    from workbench.imatrix import gguf_tensor_names
+    from workbench.data.gguf_info import GGUF_NAME
+    from workbench.analysis.imatrix import gguf_tensor_names
     from workbench.methods.gguf import _finish, convert_to_gguf, quantize_gguf
     from workbench.methods.gguf_auto import TorchSlots, read_tensors
     from workbench.runtimes.llamacpp import LlamaCppVariant
@@ -384,8 +384,8 @@ def test_block_replay_measures_what_a_full_forward_measures(tiny_smol_dir) -> No
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from workbench.calibration import CalibrationSpec, calibration_sequences
-    from workbench.sensitivity import KLDProbe
+    from workbench.data.calibration import CalibrationSpec, calibration_sequences
+    from workbench.analysis.sensitivity import KLDProbe
 
     model = AutoModelForCausalLM.from_pretrained(tiny_smol_dir, dtype=torch.float32).eval()
     sequences = calibration_sequences(AutoTokenizer.from_pretrained(tiny_smol_dir), CalibrationSpec(samples=2, seq_len=64))
@@ -400,7 +400,7 @@ def test_block_replay_measures_what_a_full_forward_measures(tiny_smol_dir) -> No
 
 
 def test_gguf_auto_meets_its_budget_and_records_its_choice(tiny_smol_dir, tmp_path) -> None:
-    from workbench.gguf_info import GGUF_NAME
+    from workbench.data.gguf_info import GGUF_NAME
     from workbench.planning.gguf_plan import auto_floor
     from workbench.methods.gguf_auto import GGUFAuto, GGUFAutoOptions, read_tensors, unit_of
     from workbench.planning.modelshape import shape_from_folder

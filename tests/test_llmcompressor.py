@@ -124,7 +124,7 @@ def test_group_size_error_is_refused_before_anything_runs(write_preset, tmp_path
 def test_calibration_too_short_for_the_samples_is_refused(tiny_model_dir) -> None:
     from transformers import AutoTokenizer
 
-    from workbench.calibration import CalibrationSpec, calibration_sequences
+    from workbench.data.calibration import CalibrationSpec, calibration_sequences
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     with pytest.raises(WorkbenchError, match=r"enough for \d+ sequences of 4096, but samples=10000"):
@@ -135,8 +135,8 @@ def test_calibration_too_short_for_the_samples_is_refused(tiny_model_dir) -> Non
 
 
 def test_calibration_text_never_overlaps_the_eval_text(tmp_path) -> None:
-    from workbench.calibration import calibration_text
-    from workbench.evaltext import pydoc_eval_text
+    from workbench.data.calibration import calibration_text
+    from workbench.data.evaltext import pydoc_eval_text
 
     eval_paragraphs = {p.strip() for p in pydoc_eval_text().split("\n\n") if len(p.strip()) > 80}
     for spec in ("pydoc", "pydoc-a", "pydoc-b"):
@@ -160,7 +160,7 @@ def test_calibration_text_never_overlaps_the_eval_text(tmp_path) -> None:
 ])
 def test_bad_sparsity_options_are_refused_in_the_preset(write_preset, options, message) -> None:
     from workbench.errors import PresetError
-    from workbench.presets import load_preset
+    from workbench.config.presets import load_preset
 
     path = write_preset([{"name": "fp32", "method": "fp32"}, {"name": "w", "method": "wanda", "options": options}])
     with pytest.raises(PresetError) as caught:
@@ -170,7 +170,7 @@ def test_bad_sparsity_options_are_refused_in_the_preset(write_preset, options, m
 
 def test_a_stage_that_cannot_take_the_previous_output_is_refused(write_preset) -> None:
     from workbench.errors import PresetError
-    from workbench.presets import load_preset
+    from workbench.config.presets import load_preset
 
     path = write_preset([{"name": "fp32", "method": "fp32"},
                          {"name": "bad", "pipeline": [{"method": "gptq"}, {"method": "gguf"}]}])
@@ -183,7 +183,7 @@ def test_a_stage_that_cannot_take_the_previous_output_is_refused(write_preset) -
 
 
 def test_calibration_groups_report_the_spread() -> None:
-    from workbench.robustness import calibration_groups, robustness_text
+    from workbench.analysis.robustness import calibration_groups, robustness_text
 
     def variant(name, text, ppl):
         return {"name": name, "method": "gptq", "options": {"bits": 4, "calibration": {"text": text}}}, \
@@ -206,7 +206,7 @@ def test_a_gguf_only_source_says_which_method_can_take_it(tmp_path) -> None:
     import numpy as np
 
     from workbench.errors import SourceError
-    from workbench.sources import resolve_source
+    from workbench.data.sources import resolve_source
 
     path = tmp_path / "exotic.gguf"
     writer = gguf.GGUFWriter(str(path), "exotic-arch")  # an architecture transformers has no loader for

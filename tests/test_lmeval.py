@@ -11,8 +11,8 @@ import torch
 from workbench.errors import PresetError
 from workbench.lmeval.harness import run_tasks
 from workbench.lmeval.tasks import TASK_DIR, build_pydoc_lastword
-from workbench.presets import load_preset, parse_preset
-from workbench.runner import Runner
+from workbench.config.presets import load_preset, parse_preset
+from workbench.running.runner import Runner
 from workbench.runtimes.base import DummyVariant
 
 

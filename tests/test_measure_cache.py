@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from workbench.cli import main
-from workbench.presets import load_preset
-from workbench.runner import Runner
+from workbench.config.presets import load_preset
+from workbench.running.runner import Runner
 
 QUALITY = ("perplexity", "kld_mean", "kld_p99", "top1_agreement", "delta_p_rms", "weight_bytes")
 VARIANTS = [{"name": "fp32", "method": "fp32"}, {"name": "bf16", "method": "bf16"}]

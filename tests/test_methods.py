@@ -21,7 +21,7 @@ import torch
 from workbench.errors import PresetError, WorkbenchError
 from workbench.methods.base import BuildContext
 from workbench.methods.registry import get_method
-from workbench.presets import parse_preset
+from workbench.config.presets import parse_preset
 from workbench.runtimes import load_variant
 
 

@@ -11,7 +11,7 @@ import yaml
 from workbench.cli import main
 from workbench.methods.base import BuildContext
 from workbench.planning.modelshape import ShapeError, read_shape, shape_from_folder, shape_from_gguf
-from workbench.presets import dump_preset, load_preset, parse_preset
+from workbench.config.presets import dump_preset, load_preset, parse_preset
 from workbench.planning.weightsize import estimate_weights
 
 CTX = BuildContext(device="cpu", threads=1, trust_remote_code=False, emit=lambda _m: None)
@@ -50,7 +50,7 @@ def test_weight_estimate_matches_the_loaded_model(tmp_path, tiny_model_dir, meth
 
 def test_q4_k_m_estimate_predicts_llama_cpp_mix_and_bytes(tmp_path, tiny_smol_dir) -> None:
     """Hidden 64 is not a multiple of 256: llama.cpp falls back per tensor, and the planner must say which way."""
-    from workbench.gguf_info import GGUF_NAME, gguf_summary
+    from workbench.data.gguf_info import GGUF_NAME, gguf_summary
     from workbench.methods.gguf import GGUF, GGUFOptions
 
     GGUF().build(tiny_smol_dir, tmp_path, GGUFOptions(quant="Q4_K_M"), CTX)
@@ -113,7 +113,7 @@ def test_memory_budget_is_an_optional_preset_field_that_round_trips(write_preset
 @pytest.fixture(scope="module")
 def planned_run(tmp_path_factory, tiny_model_dir):
     from tests.conftest import TINY_VARIANT_DEFAULTS
-    from workbench.runner import Runner
+    from workbench.running.runner import Runner
 
     folder = tmp_path_factory.mktemp("planned-run")
     path = folder / "p.yaml"
@@ -138,7 +138,7 @@ def test_run_records_estimate_beside_metrics_and_the_cli_compares_them(planned_r
 
 
 def test_run_records_a_roofline_for_every_cpu_variant(planned_run, tiny_model_dir) -> None:
-    from workbench.report import markdown_table
+    from workbench.views.report import markdown_table
 
     shape = shape_from_folder(tiny_model_dir)
     bandwidth = planned_run["machine_profile"]["bandwidth"]["bandwidth_bytes_s"]

@@ -1,4 +1,4 @@
-"""The policy gate (workbench/policy.py): hostile presets refused in shared mode before any model loads.
+"""The policy gate (workbench/config/policy.py): hostile presets refused in shared mode before any model loads.
 
 The corpus goes through the CLI gate (`python -m workbench plan`, a subprocess with
 WORKBENCH_SHARED=1, its own WORKBENCH_HOME, which must stay without a converted source or a run).
@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from workbench.errors import WorkbenchError
-from workbench.presets import parse_preset
+from workbench.config.presets import parse_preset
 
 ROOT = Path(__file__).parent.parent
 BUNDLED = "bundled:smollm2-135m-instruct"
@@ -137,7 +137,7 @@ def test_the_corpus_is_large_and_covers_every_path_field() -> None:
     assert len(HOSTILE) >= 25
     ids = [case[0] for case in HOSTILE]
     assert len(set(ids)) == len(ids)
-    from workbench.policy import CAPS
+    from workbench.config.policy import CAPS
 
     text = " ".join(case[3] for case in HOSTILE)
     for variable, _default, _what in CAPS.values():
@@ -192,7 +192,7 @@ def test_gate_finds_every_path_marked_option_of_every_method() -> None:
 
 
 def test_allowed_folders_resolve_symlinks_and_traversal(tmp_path, monkeypatch) -> None:
-    from workbench.policy import app_mode, refusals
+    from workbench.config.policy import app_mode, refusals
 
     allowed = tmp_path / "allowed"
     allowed.mkdir()
@@ -210,7 +210,7 @@ def test_allowed_folders_resolve_symlinks_and_traversal(tmp_path, monkeypatch) -
 
 
 def test_local_cli_reads_any_file_but_a_bundle_needs_allow_paths(tmp_path, monkeypatch) -> None:
-    from workbench.policy import bundle_mode, cli_mode, refusals
+    from workbench.config.policy import bundle_mode, cli_mode, refusals
 
     monkeypatch.delenv("WORKBENCH_SHARED", raising=False)
     monkeypatch.delenv("WORKBENCH_ALLOWED_DIRS", raising=False)
@@ -226,8 +226,8 @@ def test_local_cli_reads_any_file_but_a_bundle_needs_allow_paths(tmp_path, monke
 
 
 def test_shipped_small_presets_pass_the_shared_gate(monkeypatch) -> None:
-    from workbench.policy import refusals, shared_mode
-    from workbench.presets import load_preset
+    from workbench.config.policy import refusals, shared_mode
+    from workbench.config.presets import load_preset
 
     monkeypatch.setenv("WORKBENCH_SHARED", "1")
     assert refusals(load_preset(ROOT / "presets" / "tiny-smoke.yaml"), shared_mode(), estimate=False) == []
@@ -239,7 +239,7 @@ def test_shipped_small_presets_pass_the_shared_gate(monkeypatch) -> None:
 
 def test_plan_time_cap(monkeypatch) -> None:
     """The planner's estimate (this machine's calibration, the model's GGUF metadata; no weights) is capped too."""
-    from workbench.policy import PolicyError, enforce, shared_mode
+    from workbench.config.policy import PolicyError, enforce, shared_mode
 
     monkeypatch.setenv("WORKBENCH_SHARED", "1")
     monkeypatch.setenv("WORKBENCH_MAX_PLAN_MINUTES", "0.01")
@@ -257,7 +257,7 @@ def test_reproduce_shows_the_preset_and_refuses_paths_and_remote_code(write_pres
     import zipfile
 
     from workbench import __version__
-    from workbench.bundle import BUNDLE_FORMAT
+    from workbench.views.bundle import BUNDLE_FORMAT
     from workbench.cli import main
 
     preset = yaml.safe_load(write_preset([{"name": "fp32", "method": "fp32"}], name="foreign").read_text())
@@ -279,7 +279,7 @@ def test_reproduce_shows_the_preset_and_refuses_paths_and_remote_code(write_pres
 def test_local_folder_with_only_pickled_weights_needs_allow_pickle(tiny_model_dir, tmp_path) -> None:
     import shutil
 
-    from workbench.sources import resolve_source
+    from workbench.data.sources import resolve_source
 
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, folder)

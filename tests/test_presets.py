@@ -9,7 +9,7 @@ import yaml
 
 from workbench.cli import main
 from workbench.errors import PresetError
-from workbench.presets import dump_preset, load_preset, parse_preset, select_variants
+from workbench.config.presets import dump_preset, load_preset, parse_preset, select_variants
 
 PRESETS = sorted((Path(__file__).parent.parent / "presets").glob("*.yaml"))
 

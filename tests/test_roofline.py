@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from workbench.roofline import bytes_per_token, roofline, weights_read
+from workbench.planning.roofline import bytes_per_token, roofline, weights_read
 from workbench.planning.machine import measure_bandwidth
 
 MIB = 1 << 20
@@ -84,8 +84,8 @@ def _run_with_roofline() -> dict:
 
 
 def test_latency_chart_and_table_show_the_limit() -> None:
-    from workbench.plots import latency
-    from workbench.report import summary_table
+    from workbench.views.plots import latency
+    from workbench.views.report import summary_table
 
     figure = latency(_run_with_roofline())
     limit = next(trace for trace in figure.data if trace.name == "bandwidth limit")

@@ -13,9 +13,9 @@ import torch
 
 from workbench.cli import main
 from workbench.metrics.windows import plan_windows
-from workbench.presets import load_preset
-from workbench.runner import Runner
-from workbench.store import History
+from workbench.config.presets import load_preset
+from workbench.running.runner import Runner
+from workbench.data.store import History
 
 
 def _plain_perplexity(model_dir: str, tokens: list[int], context: int, stride: int) -> float:
@@ -36,7 +36,7 @@ def _plain_perplexity(model_dir: str, tokens: list[int], context: int, stride: i
     return float(torch.exp(torch.tensor(nll / count)))
 
 
-# The results.json contract (ARCHITECTURE §2.2), written out here rather than read from workbench.runner, so a
+# The results.json contract (ARCHITECTURE §2.2), written out here rather than read from workbench.running.runner, so a
 # metric dropped from (or renamed in) the runner's list fails this test instead of silently leaving the record.
 CONTRACT_METRICS = {
     "disk_bytes", "weight_bytes", "peak_rss_bytes", "gpu_peak_bytes", "load_s", "ttft_s", "ttft_s_min", "ttft_s_max",

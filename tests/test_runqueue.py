@@ -24,7 +24,7 @@ def test_one_run_per_visitor_and_places_in_line() -> None:
 
 def test_run_preset_waits_in_line_and_refuses_a_second_run(monkeypatch, tiny_model_dir) -> None:
     """Through the Run button's own generator, with a runner that holds its slot until released."""
-    import workbench.runner
+    import workbench.running.runner
     from tests.test_ui import tiny_yaml
     from workbench.ui import compare
 
@@ -44,7 +44,7 @@ def test_run_preset_waits_in_line_and_refuses_a_second_run(monkeypatch, tiny_mod
         def cancel(self):
             release.set()
 
-    monkeypatch.setattr(workbench.runner, "Runner", HeldRunner)
+    monkeypatch.setattr(workbench.running.runner, "Runner", HeldRunner)
     text = tiny_yaml(tiny_model_dir)
     sessions = {name: {} for name in ("alice", "alice-again", "bob", "carol")}
     visitor = {"alice": "alice", "alice-again": "alice", "bob": "bob", "carol": "carol"}

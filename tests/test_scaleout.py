@@ -16,9 +16,9 @@ import pytest
 from tests.requirements import require
 
 from workbench.cli import main
-from workbench.presets import load_preset
-from workbench.runner import Runner
-from workbench.store import History
+from workbench.config.presets import load_preset
+from workbench.running.runner import Runner
+from workbench.data.store import History
 
 ray = require("ray")
 
@@ -113,7 +113,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_cancel_stops_the_ray_task(local_ray, tmp_path) -> None:
-    from workbench.scaleout import RayExecutor
+    from workbench.running.scaleout import RayExecutor
 
     executor = RayExecutor(num_cpus=1)
     cancel, events = threading.Event(), []
@@ -137,7 +137,7 @@ def test_cancel_stops_the_ray_task(local_ray, tmp_path) -> None:
 
 def test_tasks_keep_their_cpus_while_they_report(local_ray, tmp_path) -> None:
     """Two 2-CPU steps on a 2-CPU instance run one after the other, progress messages notwithstanding."""
-    from workbench.scaleout import RayExecutor
+    from workbench.running.scaleout import RayExecutor
 
     executors = [RayExecutor(num_cpus=2) for _ in range(2)]
     outcomes: list = [None, None]
@@ -187,8 +187,8 @@ def test_missing_or_malformed_ray_address(presets, capsys, monkeypatch, tmp_path
 
 
 def test_preset_ray_field_and_models_expansion(presets) -> None:
-    from workbench.presets import dump_preset, parse_preset
-    from workbench.sweep import expand
+    from workbench.config.presets import dump_preset, parse_preset
+    from workbench.running.sweep import expand
 
     import yaml
 
@@ -200,7 +200,7 @@ def test_preset_ray_field_and_models_expansion(presets) -> None:
 
 def test_timing_steps_warn_when_no_node_declares_the_resource(local_ray, tmp_path) -> None:
     """The module's Ray declares no timing resource: the step still runs (asking for it would hang) and says so."""
-    from workbench.scaleout import TIMING_RESOURCE, RayExecutor
+    from workbench.running.scaleout import TIMING_RESOURCE, RayExecutor
 
     executor = RayExecutor(num_cpus=1, timing_targets=("tests.test_scaleout:sleep_target",))
     events: list[str] = []

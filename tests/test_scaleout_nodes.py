@@ -23,7 +23,7 @@ STEP_S = 5.0  # long against the seconds a spawned worker takes to start, so unr
 def cluster():
     from ray.cluster_utils import Cluster
 
-    from workbench.scaleout import TIMING_RESOURCE
+    from workbench.running.scaleout import TIMING_RESOURCE
 
     if ray.is_initialized():  # another module's instance; a cluster needs a fresh driver connection
         ray.shutdown()
@@ -51,7 +51,7 @@ def _run_steps(executor, target: str, count: int, tmp_path) -> list:
 
 
 def test_no_two_timing_steps_share_a_node(cluster, tmp_path) -> None:
-    from workbench.scaleout import RayExecutor
+    from workbench.running.scaleout import RayExecutor
 
     executor = RayExecutor(num_cpus=1, timing_targets=(TIMED,))
     events: list[str] = []
@@ -75,7 +75,7 @@ def test_no_two_timing_steps_share_a_node(cluster, tmp_path) -> None:
 
 def test_other_steps_do_not_take_the_timing_resource(cluster, tmp_path) -> None:
     """The same step, not named a timing target: no resource asked, no node_exclusive in its record."""
-    from workbench.scaleout import RayExecutor
+    from workbench.running.scaleout import RayExecutor
 
     executor = RayExecutor(num_cpus=1, timing_targets=())
     events: list[str] = []

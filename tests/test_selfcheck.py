@@ -12,7 +12,7 @@ from workbench.selfcheck import (compare, gguf_checks, gpt2_large_check, guide_w
 def _tiny_ids(model_dir, n: int = 384) -> list[int]:
     from transformers import AutoTokenizer
 
-    from workbench.evaltext import pydoc_eval_text
+    from workbench.data.evaltext import pydoc_eval_text
 
     return AutoTokenizer.from_pretrained(model_dir)(pydoc_eval_text()[:20000], add_special_tokens=False)["input_ids"][:n]
 
@@ -45,7 +45,7 @@ def test_a_deliberately_wrong_figure_fails(tiny_model_dir) -> None:
 
 
 def test_gguf_check_agrees_with_llama_cpp_python_on_a_tiny_file(tmp_path, tiny_smol_dir) -> None:
-    from workbench.gguf_info import GGUF_NAME
+    from workbench.data.gguf_info import GGUF_NAME
     from workbench.methods.base import BuildContext
     from workbench.methods.gguf import GGUF, GGUFOptions
 

@@ -6,7 +6,7 @@ import shutil
 
 import torch
 
-from workbench.sensitivity import block_sensitivity, most_sensitive
+from workbench.analysis.sensitivity import block_sensitivity, most_sensitive
 
 
 def test_unchanged_block_has_zero_sensitivity(tiny_model_dir, tmp_path) -> None:
@@ -31,8 +31,8 @@ def test_unchanged_block_has_zero_sensitivity(tiny_model_dir, tmp_path) -> None:
 
 
 def test_run_reports_sensitivity_and_a_mixed_precision_variant(write_preset, tmp_path) -> None:
-    from workbench.presets import load_preset
-    from workbench.runner import Runner
+    from workbench.config.presets import load_preset
+    from workbench.running.runner import Runner
 
     path = write_preset([{"name": "fp32", "method": "fp32"}, {"name": "nf4", "method": "bnb-nf4"}], name="sens",
                         sensitivity={"variant": "nf4", "max_tokens": 128, "keep": 1})

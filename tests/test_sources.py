@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from workbench.errors import SourceError
-from workbench.evaltext import pydoc_calibration_text, pydoc_eval_text
-from workbench.sources import resolve_source
+from workbench.data.evaltext import pydoc_calibration_text, pydoc_eval_text
+from workbench.data.sources import resolve_source
 
 
 def test_missing_path(tmp_path: Path) -> None:

@@ -218,7 +218,7 @@ def test_pinning_uses_the_lowest_allowed_cores_and_new_threads_inherit(tmp_path)
 
 def _run_document() -> dict:
     def record(name: str, rates: list[float], other: float) -> dict:
-        from workbench.runner import METRIC_NAMES
+        from workbench.running.runner import METRIC_NAMES
 
         metrics = {**dict.fromkeys(METRIC_NAMES), "weight_bytes": 1e8, **summarize(_repeats(rates, other=other), 32, NEW_TOKENS)}
         return {"name": name, "method": "fp32", "status": "ok", "honesty": "real-kernel", "error": None,
@@ -231,8 +231,8 @@ def _run_document() -> dict:
 
 
 def test_table_chart_and_report_show_the_interval_and_the_flag(tmp_path) -> None:
-    from workbench.plots import latency
-    from workbench.report import export_html, speed_note, summary_table
+    from workbench.views.plots import latency
+    from workbench.views.report import export_html, speed_note, summary_table
 
     run = _run_document()
     table = summary_table(run).set_index("variant")
@@ -336,9 +336,9 @@ def test_interleaved_ratio_interval_is_the_order_statistics_of_the_round_ratios(
 
 def test_a_run_records_the_speed_figures_and_the_interleaved_pass(write_preset) -> None:
     """A real run of two tiny variants: the contract keys, the stop reason, pinned cores, the paired ratios."""
-    from workbench.presets import load_preset
-    from workbench.report import summary_table
-    from workbench.runner import Runner
+    from workbench.config.presets import load_preset
+    from workbench.views.report import summary_table
+    from workbench.running.runner import Runner
 
     path = write_preset([{"name": "fp32", "method": "fp32"}, {"name": "half", "method": "fp16"}], name="speed",
                         latency={"prompt_tokens": 16, "new_tokens": 4, "warmup": 1, "repeats": 2, "max_seconds": 2,

@@ -92,7 +92,7 @@ def test_api_bad_input_is_an_inline_message(app_url, tmp_path) -> None:
 
 
 def test_shared_mode_hides_other_visitors_runs_and_local_paths(monkeypatch) -> None:
-    from workbench.store import History
+    from workbench.data.store import History
     from workbench.ui.common import check_model_allowed, limits
     from workbench.ui.history import visible_runs
 
@@ -111,7 +111,7 @@ def test_shared_mode_hides_other_visitors_runs_and_local_paths(monkeypatch) -> N
 
 
 def test_model_size_cap_is_checked_from_the_config(monkeypatch, tiny_model_dir) -> None:
-    from workbench.presets import parse_preset
+    from workbench.config.presets import parse_preset
     from workbench.ui.common import limits
     from workbench.ui.compare import check_model_size
 
@@ -144,7 +144,7 @@ def test_browser_compare_chat_history(app_url, tiny_model_dir, tmp_path) -> None
         page.keyboard.insert_text(tiny_yaml(tiny_model_dir, "ui-browser"))
         page.get_by_role("button", name="Run", exact=True).click()
         page.locator(".js-plotly-plot:visible").first.wait_for(timeout=600_000)  # a loaded 2-core CI box is slow
-        from workbench.plots import CHART_LABELS
+        from workbench.views.plots import CHART_LABELS
 
         assert page.locator(".js-plotly-plot:visible").count() == len(CHART_LABELS)
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
@@ -173,8 +173,8 @@ def test_build_this_adds_the_suggested_variant_as_a_valid_preset(tiny_model_dir)
     import yaml
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from workbench.presets import parse_preset
-    from workbench.sensitivity import most_sensitive, suggested_variant
+    from workbench.config.presets import parse_preset
+    from workbench.analysis.sensitivity import most_sensitive, suggested_variant
     from workbench.ui.compare import add_suggested_variant, suggestion_markdown
 
     rows = [{"block": i, "name": f"model.layers.{i}", "kld_mean": kld, "kld_p99": kld, "top1_agreement": 0.9,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workbench import validity
+from workbench.data import validity
 from workbench.errors import SourceError
 
 
@@ -117,8 +117,8 @@ def test_encoder_checkpoint_is_refused_before_any_variant_is_built(tmp_path, wri
     from tests.architectures import trained_tokenizer
     from workbench.errors import WorkbenchError
     from workbench.paths import artifacts_dir
-    from workbench.presets import load_preset
-    from workbench.runner import Runner
+    from workbench.config.presets import load_preset
+    from workbench.running.runner import Runner
 
     folder = tmp_path / "bert"
     tokenizer = trained_tokenizer(adds_bos=False)
@@ -141,7 +141,7 @@ def test_encoder_checkpoint_is_refused_before_any_variant_is_built(tmp_path, wri
 def test_gguf_whose_vocabulary_splits_prose_into_characters_is_refused(tmp_path) -> None:
     """Both tokenizers agree here (the merges are gone from the file itself): the density check refuses it."""
     from tests.architectures import ARCHS, build_hf_folder, copy_gguf_with, write_gguf
-    from workbench.worker import prepare_source
+    from workbench.running.worker import prepare_source
 
     folder = build_hf_folder(ARCHS["llama"], tmp_path / "llama")
     gguf = write_gguf(folder, tmp_path / "llama.gguf")
@@ -162,7 +162,7 @@ def test_a_broken_transformers_tokenizer_for_a_gguf_is_replaced_by_one_that_agre
     from transformers import PreTrainedTokenizerFast
 
     from tests.architectures import ARCHS, build_hf_folder, write_gguf
-    from workbench.sources import _agreeing_tokenizer
+    from workbench.data.sources import _agreeing_tokenizer
 
     folder = build_hf_folder(ARCHS["qwen3"], tmp_path / "qwen3")
     gguf = write_gguf(folder, tmp_path / "qwen3.gguf")

@@ -15,11 +15,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import pytest
 
-from workbench.handoff import MeasureRequest, MeasureResult
-from workbench.presets import LatencySpec, SamplesSpec
+from workbench.running.handoff import MeasureRequest, MeasureResult
+from workbench.config.presets import LatencySpec, SamplesSpec
 from workbench.runtimes import register_runtime
 from workbench.runtimes.base import CapabilityMissing, DummyVariant, Footprint, Variant
-from workbench.worker import measure_variant
+from workbench.running.worker import measure_variant
 
 VOCAB = 11
 CONTEXT = 8

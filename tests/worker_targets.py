@@ -45,11 +45,11 @@ def timed_window(payload: float, emit: Callable[[str], None]) -> dict:
 
 
 def calibrate_thread_counts(payload: dict, emit: Callable[[str], None]) -> dict:
-    """The machine calibration (roofline.calibrate_worker) for each thread count in one worker process.
+    """The machine calibration (planning.machine.calibrate_worker) for each thread count in one worker process.
 
     The torch + transformers import is timed by the first calibration only (later ones find the modules loaded),
     so its import time and resident memory stand for every thread count, as they would in a fresh worker each."""
-    from workbench.roofline import calibrate_worker
+    from workbench.planning.machine import calibrate_worker
 
     profiles: dict = {}
     for threads in payload["threads"]:

@@ -14,9 +14,36 @@ from workbench.errors import WorkbenchError
 
 
 def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
+        return int(exc.code or 0)
+    try:
+        return {"run": cmd_run, "list-methods": cmd_list_methods, "history": cmd_history, "export": cmd_export,
+                "bundle": cmd_bundle, "plan": cmd_plan, "selfcheck": cmd_selfcheck,
+                "reproduce": cmd_reproduce, "sweep": cmd_sweep, "export-model": cmd_export_model}[args.command](args)
+    except WorkbenchError as exc:
+        from workbench.config.policy import PolicyError
+
+        for reason in exc.reasons if isinstance(exc, PolicyError) else [str(exc)]:  # one line per reason
+            print(f"error: {reason}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every subcommand with its arguments, in the order `--help` lists them."""
     parser = argparse.ArgumentParser(prog="python -m workbench", description="Squeeze Bench: compare compressed LLM variants.")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_run_parsers(commands)
+    _add_record_parsers(commands)
+    _add_check_parsers(commands)
+    _add_export_parsers(commands)
+    return parser
 
+
+def _add_run_parsers(commands) -> None:
+    """`run` and `sweep`: presets that build and measure variants."""
     run = commands.add_parser("run", help="build and measure every variant of a preset")
     run.add_argument("preset", help="path to a preset YAML file (see presets/)")
     run.add_argument("--out", type=Path, help="output folder (default: $WORKBENCH_HOME/runs/RUN_ID)")
@@ -40,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--ray-retries", type=int, default=2, help="Ray retries of a task whose node was lost (default 2)")
     sweep.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped with the weights")
 
+
+def _add_record_parsers(commands) -> None:
+    """The methods and the stored runs: `list-methods`, `history`, `bundle`, `reproduce`."""
     commands.add_parser("list-methods", help="methods with their options, defaults and help")
     commands.add_parser("history", help="runs stored in the history database")
 
@@ -54,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     reproduce.add_argument("--trust-remote-code", action="store_true",
                            help="let the bundle's model run code shipped with its weights")
 
+
+def _add_check_parsers(commands) -> None:
+    """Checks before and beside a run: `plan` (estimates) and `selfcheck` (reference figures)."""
     plan = commands.add_parser("plan", help="estimate each variant's weight memory and time before anything loads")
     plan.add_argument("preset", help="path to a preset YAML file")
     plan.add_argument("--memory-budget-gb", type=float, help="flag variants whose estimated peak memory exceeds this "
@@ -68,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     selfcheck.add_argument("--full", action="store_true",
                            help="also run the gpt2-large WikiText-2 check on a CPU (hours; it runs on a GPU anyway)")
 
+
+def _add_export_parsers(commands) -> None:
+    """`export` (a stored run's tables and report) and `export-model` (a variant's weights)."""
     export = commands.add_parser("export", help="export a stored run")
     export.add_argument("run_id")
     export.add_argument("--csv", type=Path, help="write one row per variant to this CSV file")
@@ -81,25 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     export_model.add_argument("--out", type=Path, required=True, help="an empty or new folder")
     export_model.add_argument("--max-shard-size", default="200MB", help="largest shard, e.g. 200MB, 1GB (default 200MB)")
 
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on bad arguments, 0 on --help
-        return int(exc.code or 0)
-    try:
-        return {"run": cmd_run, "list-methods": cmd_list_methods, "history": cmd_history, "export": cmd_export,
-                "bundle": cmd_bundle, "plan": cmd_plan, "selfcheck": cmd_selfcheck,
-                "reproduce": cmd_reproduce, "sweep": cmd_sweep, "export-model": cmd_export_model}[args.command](args)
-    except WorkbenchError as exc:
-        from workbench.policy import PolicyError
-
-        for reason in exc.reasons if isinstance(exc, PolicyError) else [str(exc)]:  # one line per reason
-            print(f"error: {reason}", file=sys.stderr)
-        return 2
-
 
 def _gate(preset):
     """The policy gate every CLI entry point passes (policy.py); shared mode when WORKBENCH_SHARED=1."""
-    from workbench.policy import cli_mode, enforce
+    from workbench.config.policy import cli_mode, enforce
 
     enforce(preset, cli_mode())
     return preset
@@ -129,7 +150,7 @@ def _output_file(path: Path, flag: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from workbench.presets import load_preset, select_variants
+    from workbench.config.presets import load_preset, select_variants
 
     preset = load_preset(args.preset)
     if args.only:
@@ -146,8 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from workbench.report import budget_verdict, format_table, protocol_summary, sensitivity_text
-    from workbench.runner import Runner
+    from workbench.views.report import budget_verdict, format_table, protocol_summary, sensitivity_text
+    from workbench.running.runner import Runner
 
     address = args.ray if args.ray is not None else preset.ray
     if address is not None and args.out is not None and not args.out.is_absolute():
@@ -172,32 +193,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
         bar.close()
         if started_ray:
-            from workbench.scaleout import shutdown
+            from workbench.running.scaleout import shutdown
 
             shutdown()
     if result["model"].get("note"):
         print(f"note: {result['model']['note']}")
     print(format_table(result))
-    from workbench.validity import flags_text
+    from workbench.data.validity import flags_text
 
     if flags_text(result):
         print(flags_text(result))
     if budget_verdict(result):
         print(budget_verdict(result))
     print(protocol_summary(result))
-    from workbench.report import speed_note
+    from workbench.views.report import speed_note
 
     if speed_note(result):
         print(speed_note(result))
     from workbench.planning.planner import estimate_vs_actual
-    from workbench.roofline import roofline_text
+    from workbench.planning.roofline import roofline_text
 
     for text in (roofline_text(result), estimate_vs_actual(result)):
         if text:
             print(text)
     if result.get("sensitivity"):
         print(sensitivity_text(result["sensitivity"]))
-    from workbench.robustness import calibration_groups, robustness_text
+    from workbench.analysis.robustness import calibration_groups, robustness_text
 
     if calibration_groups(result):
         print(robustness_text(calibration_groups(result)))
@@ -216,7 +237,7 @@ def _ray_executor(address: str | None, presets: list, retries: int):
         return None, False
     if retries < 0:
         raise WorkbenchError("--ray-retries must be 0 or more")
-    from workbench import scaleout
+    from workbench.running import scaleout
 
     scaleout.task_environment()  # refuses a relative WORKBENCH_HOME before connecting
     started = scaleout.connect(address)
@@ -226,8 +247,8 @@ def _ray_executor(address: str | None, presets: list, retries: int):
 def cmd_sweep(args: argparse.Namespace) -> int:
     import threading
 
-    from workbench.presets import load_preset
-    from workbench.sweep import expand, run_sweep, summary_table
+    from workbench.config.presets import load_preset
+    from workbench.running.sweep import expand, run_sweep, summary_table
 
     presets = [load_preset(path) for path in args.presets]
     if args.trust_remote_code:
@@ -259,7 +280,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         if started_ray:
-            from workbench.scaleout import shutdown
+            from workbench.running.scaleout import shutdown
 
             shutdown()
     print(summary_table(runs))
@@ -268,7 +289,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from workbench.planning.planner import plan_preset_file, plan_text
-    from workbench.presets import load_preset
+    from workbench.config.presets import load_preset
 
     preset = load_preset(args.preset)
     if args.trust_remote_code:
@@ -306,7 +327,7 @@ def cmd_list_methods(_args: argparse.Namespace) -> int:
 
 
 def cmd_history(_args: argparse.Namespace) -> int:
-    from workbench.store import History
+    from workbench.data.store import History
 
     history = History()
     runs = history.runs()
@@ -320,7 +341,7 @@ def cmd_history(_args: argparse.Namespace) -> int:
 
 
 def _stored_run(run_id: str) -> dict:
-    from workbench.store import History
+    from workbench.data.store import History
 
     run = History().load_run(run_id)
     if run is None:
@@ -329,7 +350,7 @@ def _stored_run(run_id: str) -> dict:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from workbench.bundle import write_bundle
+    from workbench.views.bundle import write_bundle
 
     run = _stored_run(args.run_id)
     write_bundle(run, Path(run["out_dir"]), args.out)
@@ -338,7 +359,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from workbench.bundle import reproduce
+    from workbench.views.bundle import reproduce
 
     if not args.bundle.is_file():
         raise WorkbenchError(f"bundle {args.bundle} does not exist")
@@ -358,7 +379,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from workbench.report import export_csv, export_html, export_json, markdown_table, protocol_summary
+    from workbench.views.report import export_csv, export_html, export_json, markdown_table, protocol_summary
 
     if not (args.csv or args.json or args.markdown or args.html):
         raise WorkbenchError("export needs --csv, --json, --markdown and/or --html FILE")
@@ -383,9 +404,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_export_model(args: argparse.Namespace) -> int:
-    from workbench.export_model import export_model
+    from workbench.views.export_model import export_model
 
     summary = export_model(_stored_run(args.run_id), args.variant, args.out, args.max_shard_size)
     print(f"wrote {len(summary['shards'])} safetensors shard(s) to {summary['out_dir']}"
           + (f" with {summary['index']} ({summary['total_size']} bytes of tensors)" if summary["index"] else ""))
     return 0
+

@@ -167,7 +167,7 @@ def gguf_checks(gguf: Path, hf_dir: Path, ids: Sequence[int], context: int, stri
     """(b): llama-cpp-python's public eval API vs the workbench's llama.cpp runtime, on the same token ids."""
     import tempfile
 
-    from workbench.gguf_info import GGUF_NAME
+    from workbench.data.gguf_info import GGUF_NAME
 
     guide, convention, count = llama_eval_perplexities(gguf, ids, context, stride, threads, bos_id)
     with tempfile.TemporaryDirectory() as scratch:  # a llama.cpp artifact folder: the file (linked) + tokenizer
@@ -190,7 +190,7 @@ def gguf_checks(gguf: Path, hf_dir: Path, ids: Sequence[int], context: int, stri
 
 def gpt2_large_check(full: bool, emit: Emit, threads: int) -> Check:
     """(c): the published gpt2-large WikiText-2 figure through the workbench's torch path."""
-    from workbench.sources import hub_reachable
+    from workbench.data.sources import hub_reachable
 
     name = "gpt2-large WikiText-2 (context 1024, stride 512) vs the transformers guide"
     tolerance = "absolute 0.05"
@@ -229,10 +229,10 @@ def validity_checks(source: Any, tokens: int, trust_remote_code: bool, emit: Emi
     Returns the checks, the BOS policy (None when a check failed before it could be decided) and the eval ids."""
     from transformers import AutoTokenizer
 
-    from workbench import validity
+    from workbench.data import validity
     from workbench.errors import SourceError
-    from workbench.evaltext import pydoc_eval_text
-    from workbench.gguf_info import gguf_metadata
+    from workbench.data.evaltext import pydoc_eval_text
+    from workbench.data.gguf_info import gguf_metadata
 
     checks: list[Check] = []
     emit("weights: loading once with transformers' loading report")
@@ -268,8 +268,8 @@ def run_selfcheck(tokens: int = 1024, full: bool = False, emit: Emit = print, th
                   trust_remote_code: bool = False) -> list[Check]:
     import torch
 
-    from workbench.sources import BUNDLED, resolve_source
-    from workbench.validity import unigram_perplexity
+    from workbench.data.sources import BUNDLED, resolve_source
+    from workbench.data.validity import unigram_perplexity
 
     torch.set_num_threads(threads)
     emit(f"preparing {model or 'the bundled model'} (a GGUF file is converted to fp32 once)")

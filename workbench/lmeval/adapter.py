@@ -13,7 +13,7 @@ import numpy as np
 from lm_eval.api.model import LM
 
 from workbench.metrics.windows import plan_windows
-from workbench.validity import with_bos
+from workbench.data.validity import with_bos
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -26,7 +26,7 @@ _ENDING = re.compile(r"^(?P<context>.+) (?P<word>[A-Za-z]{4,})\.$")
 
 
 def build_pydoc_lastword(items: int = ITEMS, seed: int = SEED) -> list[dict[str, Any]]:
-    from workbench.evaltext import pydoc_eval_text
+    from workbench.data.evaltext import pydoc_eval_text
 
     candidates: dict[str, tuple[str, str]] = {}
     for paragraph in pydoc_eval_text().split("\n\n"):

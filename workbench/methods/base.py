@@ -5,8 +5,9 @@ imported inside `build`, never at module import, so listing methods and validati
 
 Everything other code needs to know about a method is declared on its class, so the planner and the
 size estimator (workbench/planning/) hold no method names: option defaults live in its `Options`
-model, which options name files in its path fields (pathfield.py), and its estimates in `reshape`,
-`estimate_size`, `estimate_build_s` and `skips_build`.
+model, which options name files in its path fields (pathfield.py), its estimates in `reshape`,
+`estimate_size`, `estimate_build_s` and `skips_build`, and what it refuses from the model's shape in
+`refusals` (the runner and the policy gate ask it before anything is prepared).
 """
 
 from __future__ import annotations
@@ -77,6 +78,16 @@ class SizeInput:
 
 
 @dataclass
+class ShapeCheck:
+    """What a method's `refusals` reads: its stage's input, known from the model's config (never its weights)."""
+
+    model: str  # the preset's model string, for the messages
+    shape: "ModelShape"  # after the earlier stages' `reshape`
+    rest: str  # float dtype of the weights the earlier stages left as they were
+    last: bool  # this stage is the variant's last
+
+
+@dataclass
 class SizeEstimate:
     weight_bytes: int  # bytes held in memory while the variant runs (what `Footprint.weight_bytes` measures)
     format: str  # a short label: fp32, bnb-int8 (+fp32 rest), gguf Q4_K_M, ...
@@ -134,6 +145,21 @@ class Method:
     def skips_build(self, source_dtype: str, options: MethodOptions) -> bool:
         """True when, as the only stage, the source folder itself is this method's output (nothing to build)."""
         return False
+
+    # ---- refusals, before anything is prepared (config/policy.py) -------------------------------------------
+
+    def refusals(self, options: MethodOptions, check: ShapeCheck) -> list[str]:
+        """Why this stage would fail on a model of this shape, one reason per line (default: none).
+
+        Asked before the run prepares the source, so options the model cannot take (a group size that does not
+        divide a width, a budget below the smallest model) cost seconds, not a calibration's minutes. The
+        build still checks exactly; this only has the config's shape."""
+        return []
+
+    @classmethod
+    def checks_shape(cls) -> bool:
+        """True when the method overrides `refusals`: only then does the runner read the model's shape first."""
+        return cls.refusals is not Method.refusals
 
 
 def dense_with_zeros(name: str, size: SizeInput) -> SizeEstimate:

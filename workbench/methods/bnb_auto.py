@@ -9,10 +9,10 @@ The torch side of mixed precision under a budget (gguf-auto is the llama.cpp sid
 2. Sensitivity: each block's Linear weights, dequantized from that quantized model (bitsandbytes' own
    dequantization, so the values are the ones its kernels use), are swapped into the float32 model one
    block at a time, and the KLD to the unmodified model is measured on a short slice of calibration
-   text (never the eval text) by `workbench.sensitivity.KLDProbe`. As for gguf-auto this measures weight
+   text (never the eval text) by `workbench.analysis.sensitivity.KLDProbe`. As for gguf-auto this measures weight
    error, not the low-bit kernels' own arithmetic; the table is cached per input and quantization.
 3. Every block is then a unit with two options, quantized (its measured KLD) or float (zero KLD), and
-   `workbench.mixed_precision` assigns them: the blocks that save the most KLD per extra byte stay float
+   `workbench.analysis.mixed_precision` assigns them: the blocks that save the most KLD per extra byte stay float
    until the budget would be exceeded (exact dynamic programming; the greedy KLD-per-byte walk's choice
    is recorded beside it, and equals it whenever the blocks are the same size, as in most models).
 4. The artifact is built like any bnb variant with `llm_int8_skip_modules` naming the kept blocks, and its
@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from workbench.calibration import CalibrationSpec, calibration_sequences, describe
+from workbench.data.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
-from workbench.methods.base import (DTYPE_BYTES, BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate,
-                                    SizeInput)
+from workbench.methods.base import (DTYPE_BYTES, BuildContext, BuildSpeed, Method, MethodOptions, ShapeCheck,
+                                    SizeEstimate, SizeInput)
 from workbench.methods.bnb import bnb_config, block_skip_pattern, four_bit_bytes, int8_bytes, require_bitsandbytes
 
 if TYPE_CHECKING:
@@ -121,7 +121,7 @@ def measure_blocks(reference: Any, quantized: Any, sequences: list[list[int]], e
     import torch
 
     from workbench.runtimes.torch import float_weight
-    from workbench.sensitivity import KLDProbe
+    from workbench.analysis.sensitivity import KLDProbe
 
     probe = KLDProbe(reference, sequences)
     klds: dict[int, float] = {}
@@ -192,14 +192,28 @@ class BnbAuto(Method):
         tokens = options.sensitivity.samples * options.sensitivity.seq_len
         return 2 * speed.io_s() + shape.params() * 1e-8 + shape.layers * speed.forward_s(tokens, shape.params())
 
+    def refusals(self, options: MethodOptions, check: ShapeCheck) -> list[str]:
+        """A budget clearly below the smallest model bnb-auto can make (as the last stage, where it sets the size).
+
+        Only a budget below the estimate by more than 1 % (the planner's error on bnb formats) is refused here;
+        one nearer the edge is checked exactly by the build, which then fails that variant alone."""
+        assert isinstance(options, BnbAutoOptions)
+        if not check.last:
+            return []
+        floor, _ = self.bounds(check.shape, check.rest, options)
+        if options.target_mb * 1e6 >= 0.99 * floor:
+            return []
+        return [f"target_mb {options.target_mb:g} is below the smallest model bnb-auto can make from {check.model} "
+                f"(about {floor / 1e6:.2f} MB with every block {options.quant}); raise target_mb"]
+
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from workbench.environment import library_versions
-        from workbench.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
+        from workbench.analysis.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
         from workbench.runtimes.torch import state_bytes
-        from workbench.sensitivity import sensitivity_cache
+        from workbench.analysis.sensitivity import sensitivity_cache
 
         assert isinstance(options, BnbAutoOptions)
         require_bitsandbytes()

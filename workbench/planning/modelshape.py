@@ -146,7 +146,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
     """The shape from a GGUF file's metadata and tensor table (memory-mapped; tensor data is never read)."""
     import gguf
 
-    from workbench.gguf_info import check_gguf_readable, gguf_field
+    from workbench.data.gguf_info import check_gguf_readable, gguf_field
 
     try:
         check_gguf_readable(path)
@@ -178,7 +178,7 @@ def shape_from_gguf(path: Path) -> ModelShape:
 
 def read_shape(model: str, trust_remote_code: bool = False) -> tuple[ModelShape, dict[str, Any]]:
     """(shape, where it came from) for a preset's `model`, reading no weights and converting nothing."""
-    from workbench.sources import bundled_gguf_path, classify_model, hub_reachable
+    from workbench.data.sources import bundled_gguf_path, classify_model, hub_reachable
 
     ref = classify_model(model)
     if ref.kind == "bundled":

@@ -71,7 +71,7 @@ def estimate_measure_s(est: WeightEstimate, protocol: dict[str, Any], profile: d
     flops_per_token = 2 * (shape.linear_params() + shape.vocab * shape.hidden)  # the head runs even when tied
     overhead = DECODE_LAYER_S.get(est.family, 0.001) * shape.layers  # per forward call
     prefill = lambda n: n * flops_per_token / flops_s + overhead  # noqa: E731
-    from workbench.roofline import bytes_per_token
+    from workbench.planning.roofline import bytes_per_token
 
     read = {"embedding_bytes": est.embedding_bytes, "embedding_rows": shape.vocab, "tied": shape.tied}
     per_token = bytes_per_token(est.weight_bytes, read) / bandwidth + overhead  # decode: weights streamed once
@@ -150,7 +150,7 @@ def cached_variants(preset: Any, fingerprint: str | None, device: str, source_dt
     from workbench.cache import key_hash
     from workbench.environment import library_versions
     from workbench.paths import artifacts_dir
-    from workbench.worker import stage_material
+    from workbench.running.worker import stage_material
 
     versions = library_versions()
     found = {}
@@ -190,7 +190,7 @@ def over_budget(plans: list[VariantPlan], budget_gb: float | None) -> list[str]:
 
 def _source_state(model: str) -> tuple[str | None, str | None]:
     """(the fingerprint the runner will key artifacts by, a note when the source still needs preparing)."""
-    from workbench.sources import classify_model, source_cache_state
+    from workbench.data.sources import classify_model, source_cache_state
 
     ref = classify_model(model)
     # Hashing a very large local folder would take longer than the plan is worth: its cache state stays unknown.

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from workbench.cache import folder_bytes
-from workbench.gguf_info import GGUF_NAME, check_gguf_file, gguf_summary
+from workbench.data.gguf_info import GGUF_NAME, check_gguf_file, gguf_summary
 from workbench.runtimes.base import Footprint, Variant
 
 BATCH = 512  # tokens per llama.cpp decode call; longer windows go in several calls
@@ -148,7 +148,7 @@ class LlamaCppVariant(Variant):
         return {int(i) for i in (self.llm.token_eos(), self.tokenizer.eos_token_id) if i is not None and i >= 0}
 
     def weights_read(self) -> dict[str, Any]:
-        from workbench.roofline import gguf_weights_read
+        from workbench.planning.roofline import gguf_weights_read
 
         return gguf_weights_read(self.artifact_path / GGUF_NAME)
 

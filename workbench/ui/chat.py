@@ -11,7 +11,7 @@ import gradio as gr
 
 from workbench.errors import WorkbenchError
 from workbench.paths import runs_dir
-from workbench.store import History
+from workbench.data.store import History
 from workbench.ui.chat_worker import ChatWorker
 from workbench.ui.common import owned_run_ids, visitor_id
 
@@ -59,8 +59,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def chat_run(run_id: str | None, session: dict, visitor: str | None) -> dict:
     """The run to chat with: one this visitor may open, whose preset the policy gate lets load here."""
-    from workbench.policy import PolicyError, app_mode, enforce
-    from workbench.presets import parse_preset
+    from workbench.config.policy import PolicyError, app_mode, enforce
+    from workbench.config.presets import parse_preset
     from workbench.ui.history import load_owned_run
 
     if not run_id:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.sources import classify_model
+from workbench.data.sources import classify_model
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent.parent / "presets"
 
@@ -24,7 +24,7 @@ class Limits:
 
 def limits() -> Limits:
     """The app's mode (policy.app_mode) in the shape the tabs use."""
-    from workbench.policy import app_mode
+    from workbench.config.policy import app_mode
 
     mode = app_mode()
     return Limits(shared=mode.shared, max_variants=int(mode.cap("variants") or 16),
@@ -50,7 +50,7 @@ def visitor_id(request: Any) -> str | None:
 
 def owned_run_ids(session: dict, visitor: str | None) -> set[str] | None:
     """The run ids this visitor may see in shared mode; None when the app is not shared (every run)."""
-    from workbench.store import History
+    from workbench.data.store import History
 
     if not limits().shared:
         return None
@@ -62,7 +62,7 @@ def owned_run_ids(session: dict, visitor: str | None) -> set[str] | None:
 
 def gate_message(exc: Exception) -> str:
     """A refusal for the page: one bullet per reason."""
-    from workbench.policy import PolicyError
+    from workbench.config.policy import PolicyError
 
     if isinstance(exc, PolicyError) and len(exc.reasons) > 1:
         return "\n" + "\n".join(f"- {reason}" for reason in exc.reasons)
@@ -75,7 +75,7 @@ def preset_names() -> list[str]:
 
 def display_table(run: dict[str, Any], budget_gb: float | None = None):
     """The summary table with readable units, plus whether each variant fits a memory budget."""
-    from workbench.report import summary_table
+    from workbench.views.report import summary_table
 
     table = summary_table(run)
     if budget_gb:
@@ -89,7 +89,7 @@ def figures(run: dict[str, Any] | None, budget_gb: float | None = None) -> list[
     """One comparison chart per entry of plots.CHARTS (empty ones before a run); variants over budget are greyed in the size chart."""
     import plotly.graph_objects as go
 
-    from workbench.plots import CHARTS
+    from workbench.views.plots import CHARTS
 
     if not run or not any(r["status"] == "ok" for r in run["variants"]):
         return [go.Figure() for _ in CHARTS]
@@ -104,9 +104,9 @@ def figures(run: dict[str, Any] | None, budget_gb: float | None = None) -> list[
 def run_note(run: dict[str, Any] | None) -> str:
     if not run:
         return ""
-    from workbench.report import protocol_summary, speed_note
+    from workbench.views.report import protocol_summary, speed_note
 
-    from workbench.report import budget_verdict
+    from workbench.views.report import budget_verdict
 
     note = f"**Note:** {run['model']['note']}\n\n" if run["model"].get("note") else ""
     if speed_note(run):

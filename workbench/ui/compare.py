@@ -15,8 +15,8 @@ import yaml
 from workbench.errors import WorkbenchError
 from workbench.methods.registry import get_method, method_names
 from workbench.paths import workbench_home
-from workbench.plots import CHART_LABELS
-from workbench.sources import BUNDLED
+from workbench.views.plots import CHART_LABELS
+from workbench.data.sources import BUNDLED
 from workbench.ui.common import (PRESETS_DIR, display_table, figures, gate_message, limits, preset_names, run_note,
                                  visitor_id)
 from workbench.ui.runqueue import RUNS
@@ -76,8 +76,8 @@ def preset_from_form(model: str, methods: list[str], threads: float, fields: lis
 
 def gated_preset(yaml_text: str, estimate: bool = True) -> Any:
     """Parse the editor's YAML and pass it through the policy gate (policy.py) in the app's mode."""
-    from workbench.policy import app_mode, enforce
-    from workbench.presets import parse_preset
+    from workbench.config.policy import app_mode, enforce
+    from workbench.config.presets import parse_preset
 
     preset = parse_preset(yaml.safe_load(yaml_text or ""), "preset")
     enforce(preset, app_mode(), estimate=estimate)
@@ -86,7 +86,7 @@ def gated_preset(yaml_text: str, estimate: bool = True) -> Any:
 
 def run_preset(yaml_text: str, budget_gb: float | None, session: dict, request: gr.Request = None):
     """Validate, then run in a background thread, streaming per-variant progress; finish with table and charts."""
-    from workbench.runner import Runner
+    from workbench.running.runner import Runner
 
     empty = [gr.skip()] * (2 + len(CHART_LABELS))  # results table, every chart, current run id
     try:
@@ -161,7 +161,7 @@ def _run_and_stream(runner: Any, preset: Any, events: queue.Queue, budget_gb: fl
 
 def suggestion_markdown(run: dict[str, Any] | None) -> str:
     """The run's per-block sensitivity and the mixed-precision variant it suggests, for the Compare tab."""
-    from workbench.report import sensitivity_text
+    from workbench.views.report import sensitivity_text
 
     sensitivity = (run or {}).get("sensitivity")
     if not sensitivity:
@@ -181,7 +181,7 @@ def add_suggested_variant(yaml_text: str, run: dict[str, Any] | None) -> tuple[s
     otherwise the editor is left as it was and the message says why."""
     import copy
 
-    from workbench.presets import parse_preset
+    from workbench.config.presets import parse_preset
 
     suggestion = ((run or {}).get("sensitivity") or {}).get("mixed_precision_variant")
     if not suggestion:

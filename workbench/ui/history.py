@@ -8,9 +8,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from workbench.report import export_csv, export_html, export_json
-from workbench.store import History
-from workbench.plots import CHART_LABELS
+from workbench.views.report import export_csv, export_html, export_json
+from workbench.data.store import History
+from workbench.views.plots import CHART_LABELS
 from workbench.ui.common import display_table, figures, owned_run_ids, run_note, visitor_id
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -15,10 +16,10 @@ from workbench import ARTIFACT_FORMAT
 from workbench.cache import cached_folder, key_hash
 from workbench.environment import library_versions
 from workbench.methods.base import BuildContext
-from workbench.methods.registry import get_method
+from workbench.methods.registry import get_method, register_targets
 from workbench.paths import artifacts_dir
-from workbench.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult, RuntimeInfo, StageBuild
-from workbench.runtimes.base import Variant
+from workbench.running.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult, RuntimeInfo, StageBuild
+from workbench.runtimes.base import Footprint, Variant
 
 Emit = Callable[[str], None]
 
@@ -53,6 +54,7 @@ def build_artifact(payload: dict, emit: Emit) -> dict:
     import torch
 
     request = BuildRequest.from_payload(payload)
+    register_targets(request.methods)
     torch.set_num_threads(request.threads)
     device = pick_device(request.device)
     ctx = BuildContext(device=device, threads=request.threads, trust_remote_code=request.trust_remote_code,
@@ -93,16 +95,65 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
     pinned = pin_threads(request.threads) if request.latency.pin_threads else None
     import torch
 
-    from workbench.metrics.memory import gpu_peak_bytes, peak_rss_bytes
-    from workbench.metrics.quality import QUALITY_METRICS
     from workbench.metrics.sparsity import sparsity_report
-    from workbench.roofline import weights_read
-    from workbench.runtimes import load_variant
+    from workbench.planning.roofline import weights_read
     from workbench.runtimes.torch import pick_device
 
     torch.set_num_threads(request.threads)
     device = pick_device(request.device)
     tokens = json.loads(Path(request.eval_tokens_path).read_text())
+    variant, load_s = _load(request, device, emit)
+    serving = _serving_pass(variant, tokens, request, device, emit)
+    if not request.measure_quality:  # the runner reuses stored quality figures (measure_cache.py)
+        read, threads_used = weights_read(variant), variant.threads_used(request.threads)
+        variant.close()
+        metrics = {"disk_bytes": serving.footprint.disk_bytes, "weight_bytes": serving.footprint.weight_bytes,
+                   "peak_rss_bytes": serving.peak_rss, "gpu_peak_bytes": serving.gpu_peak, "load_s": load_s,
+                   **serving.latency}
+        return MeasureResult(metrics=metrics, layers=[], samples=serving.samples, quality_detail={},
+                             runtime=RuntimeInfo(request.runtime, threads_used, device, pinned), weights_read=read,
+                             latency=serving.latency_detail, engine_perf=serving.engine_perf).to_payload()
+
+    emit("perplexity and divergence")
+    agreement = variant.tokenizer_agreement(tokens)
+    # Same vocabulary means same size and the file's tokenizer reproducing the ids; otherwise logits
+    # of "the same id" need not mean the same token, and KLD / top-1 would compare unlike things.
+    reference_allowed = agreement is None or agreement["vocab_matching_fraction"] == 1.0
+    quality = _quality(variant, tokens, request, reference_allowed, emit)
+    lm_eval_figures = _lm_eval(variant, request, device, emit)
+
+    matrices = variant.weight_matrices()
+    sparsity, layers = sparsity_report(matrices) if matrices is not None else (None, [])
+    metrics = _variant_metrics(serving, load_s, sparsity, quality, lm_eval_figures)
+    paired, paired_notes = _paired_with_baseline(request, serving.samples, lm_eval_figures, reference_allowed)
+    metrics.update(paired)
+    read = weights_read(variant)  # what one decoded token reads, for the roofline
+    threads_used = variant.threads_used(request.threads)
+    variant.close()
+    return MeasureResult(metrics=metrics, layers=layers, samples=serving.samples,
+                         quality_detail=_quality_detail(quality, reference_allowed, lm_eval_figures, paired_notes),
+                         runtime=RuntimeInfo(request.runtime, threads_used, device, pinned), weights_read=read,
+                         latency=serving.latency_detail, engine_perf=serving.engine_perf,
+                         tokenizer_agreement=agreement).to_payload()
+
+
+@dataclass
+class _Serving:
+    """What the serving part of a measurement yields: speed, weight bytes after first use, samples, peaks."""
+
+    latency: dict
+    latency_detail: dict
+    engine_perf: dict | None
+    footprint: Footprint
+    samples: list[dict]
+    peak_rss: int
+    gpu_peak: int | None
+
+
+def _load(request: MeasureRequest, device: str, emit: Emit) -> tuple[Variant, float]:
+    """The artifact loaded by its runtime, and the seconds that took."""
+    from workbench.runtimes import load_variant
+
     latency_spec = request.latency
     # The longest sequence this protocol feeds (llama.cpp sizes its context up front).
     n_ctx = max(request.context, latency_spec.prompt_tokens + latency_spec.new_tokens, 512 + request.samples.new_tokens)
@@ -110,7 +161,12 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
     started = time.perf_counter()
     variant = load_variant(request.runtime, name=request.name, artifact_path=Path(request.artifact_path), device=device,
                            threads=request.threads, trust_remote_code=request.trust_remote_code, n_ctx=n_ctx)
-    load_s = time.perf_counter() - started
+    return variant, time.perf_counter() - started
+
+
+def _serving_pass(variant: Variant, tokens: list[int], request: MeasureRequest, device: str, emit: Emit) -> _Serving:
+    """Latency, the in-memory weight bytes, the samples, then the peak memory of all that."""
+    from workbench.metrics.memory import gpu_peak_bytes, peak_rss_bytes
 
     emit("latency")
     latency, latency_detail, engine_perf = _timed_latency(variant, tokens, request)
@@ -121,53 +177,43 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
     emit("samples")
     samples = [_sample(variant, prompt, request.samples.new_tokens) for prompt in request.samples.prompts]
 
-    # Peak memory of serving: load, generation and samples. The perplexity pass below holds
+    # Peak memory of serving: load, generation and samples. The perplexity pass that follows holds
     # full-vocabulary float64 buffers and writes the baseline's log-prob file: measuring overhead.
-    peak_rss, gpu_peak = peak_rss_bytes(), gpu_peak_bytes(device)
+    return _Serving(latency, latency_detail, engine_perf, footprint, samples, peak_rss_bytes(), gpu_peak_bytes(device))
 
-    if not request.measure_quality:
-        read, threads_used = weights_read(variant), variant.threads_used(request.threads)
-        variant.close()
-        metrics = {"disk_bytes": footprint.disk_bytes, "weight_bytes": footprint.weight_bytes,
-                   "peak_rss_bytes": peak_rss, "gpu_peak_bytes": gpu_peak, "load_s": load_s, **latency}
-        return MeasureResult(metrics=metrics, layers=[], samples=samples, quality_detail={},
-                             runtime=RuntimeInfo(request.runtime, threads_used, device, pinned), weights_read=read,
-                             latency=latency_detail, engine_perf=engine_perf).to_payload()
 
-    emit("perplexity and divergence")
-    agreement = variant.tokenizer_agreement(tokens)
-    # Same vocabulary means same size and the file's tokenizer reproducing the ids; otherwise logits
-    # of "the same id" need not mean the same token, and KLD / top-1 would compare unlike things.
-    reference_allowed = agreement is None or agreement["vocab_matching_fraction"] == 1.0
-    quality = _quality(variant, tokens, request, reference_allowed, emit)
+def _lm_eval(variant: Variant, request: MeasureRequest, device: str, emit: Emit) -> dict:
+    """The preset's lm-eval tasks on this variant ({} when the preset asks for none)."""
+    if request.lm_eval is None:
+        return {}
+    from workbench.lmeval.harness import run_tasks
 
-    lm_eval_figures: dict = {}
-    if request.lm_eval is not None:
-        from workbench.lmeval.harness import run_tasks
+    emit("lm-eval tasks")
+    spec = request.lm_eval
+    return run_tasks(variant, spec.tasks, spec.limit, spec.batch_size, device, bos_id=request.bos_id)
 
-        emit("lm-eval tasks")
-        spec = request.lm_eval
-        lm_eval_figures = run_tasks(variant, spec.tasks, spec.limit, spec.batch_size, device, bos_id=request.bos_id)
 
-    matrices = variant.weight_matrices()
-    sparsity, layers = sparsity_report(matrices) if matrices is not None else (None, [])
-    metrics = {
-        "disk_bytes": footprint.disk_bytes,
-        "weight_bytes": footprint.weight_bytes,
-        "peak_rss_bytes": peak_rss,
-        "gpu_peak_bytes": gpu_peak,
+def _variant_metrics(serving: _Serving, load_s: float, sparsity: float | None, quality: dict,
+                     lm_eval_figures: dict) -> dict:
+    """The record's metrics before the paired figures: sizes, memory, speed, sparsity, quality, lm-eval."""
+    from workbench.metrics.quality import QUALITY_METRICS
+
+    return {
+        "disk_bytes": serving.footprint.disk_bytes,
+        "weight_bytes": serving.footprint.weight_bytes,
+        "peak_rss_bytes": serving.peak_rss,
+        "gpu_peak_bytes": serving.gpu_peak,
         "load_s": load_s,
-        **latency,
+        **serving.latency,
         "sparsity": sparsity,
         **{k: quality[k] for k in QUALITY_METRICS},
         **{k: v for k, v in lm_eval_figures.items() if k.startswith("lm_eval.")},
     }
-    paired, paired_notes = _paired_with_baseline(request, samples, lm_eval_figures, reference_allowed)
-    metrics.update(paired)
-    read = weights_read(variant)  # what one decoded token reads, for the roofline
-    threads_used = variant.threads_used(request.threads)
-    variant.close()
-    quality_detail = {
+
+
+def _quality_detail(quality: dict, reference_allowed: bool, lm_eval_figures: dict, paired_notes: dict) -> dict:
+    """The notes and raw figures behind the quality metrics (the record's `quality_detail`)."""
+    return {
         **{k: quality[k] for k in ("nll_mean", "scored_tokens")},
         "divergence_note": quality["divergence_note"] or (
             None if reference_allowed else "the GGUF file's vocabulary differs from the source tokenizer's: "
@@ -175,15 +221,12 @@ def measure_variant(payload: dict, emit: Emit) -> dict:
         "lm_eval_error": lm_eval_figures.get("lm_eval_error"),
         "ppl_ratio_note": quality["ppl_ratio_note"],
         "kld_storage_bound": quality["kld_storage_bound"], **paired_notes}
-    return MeasureResult(metrics=metrics, layers=layers, samples=samples, quality_detail=quality_detail,
-                         runtime=RuntimeInfo(request.runtime, threads_used, device, pinned), weights_read=read,
-                         latency=latency_detail, engine_perf=engine_perf, tokenizer_agreement=agreement).to_payload()
 
 
 def _timed_latency(variant: Variant, tokens: list[int], request: MeasureRequest) -> tuple[dict, dict, dict | None]:
     """(latency metrics, per-repeat detail, the engine's own clock over the same runs or None)."""
     from workbench.metrics.latency import measure_latency
-    from workbench.validity import with_bos
+    from workbench.data.validity import with_bos
 
     spec = request.latency
     variant.reset_perf_counters()
@@ -278,10 +321,10 @@ def prepare_source(payload: dict, emit: Emit) -> dict:
     tokenize the eval text once into eval_tokens.json."""
     from transformers import AutoTokenizer
 
-    from workbench import validity
-    from workbench.evaltext import eval_text, eval_token_ids
+    from workbench.data import validity
+    from workbench.data.evaltext import eval_text, eval_token_ids
     from workbench.runtimes.torch import pick_device
-    from workbench.sources import resolve_source
+    from workbench.data.sources import resolve_source
 
     device = pick_device(payload["device"])  # before the model is prepared: a CPU machine refuses cuda in seconds
     source = resolve_source(payload["model"], payload["trust_remote_code"], emit,
@@ -297,7 +340,7 @@ def prepare_source(payload: dict, emit: Emit) -> dict:
     agreement = None
     gguf_metadata = None
     if source.gguf_file:
-        from workbench.gguf_info import gguf_metadata as read_metadata
+        from workbench.data.gguf_info import gguf_metadata as read_metadata
 
         emit("checking the tokenizer against the GGUF file's own")
         agreement = validity.gguf_tokenizer_agreement(Path(source.gguf_file), scored_text, ids)

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from workbench.presets import LatencySpec, LmEvalSpec, SamplesSpec
+from workbench.config.presets import LatencySpec, LmEvalSpec, SamplesSpec
 
 
 def _plain(value: Any) -> Any:
@@ -32,6 +32,15 @@ class BuildRequest:
     device: str
     trust_remote_code: bool
     use_cache: bool = True
+    # name -> "module:Class" of every stage's method, read from this process's registry when left empty, so the
+    # worker finds methods registered at run time (registry.register_method) as well as the project's own.
+    methods: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            from workbench.methods.registry import method_target
+
+            self.methods = {stage["method"]: method_target(stage["method"]) for stage in self.stages}
 
     def to_payload(self) -> dict[str, Any]:
         return asdict(self)

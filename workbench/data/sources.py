@@ -163,7 +163,7 @@ def check_weight_format(folder: Path, spec: str, allow_pickle: bool) -> None:
 
 
 def _from_gguf(gguf: Path, emit: Callable[[str], None]) -> ModelSource:
-    from workbench.gguf_info import check_gguf_readable
+    from workbench.data.gguf_info import check_gguf_readable
 
     check_gguf_readable(gguf)  # a damaged file is described as damaged, before any conversion is tried
     fingerprint = "sha256:" + file_sha256(gguf)
@@ -245,9 +245,9 @@ def _agreeing_tokenizer(gguf: Path, auto_tokenizer: Any, emit: Callable[[str], N
     """transformers' tokenizer for the file when it tokenizes like llama.cpp does; otherwise one rebuilt from the
     file's own vocabulary and merges (gguf_vocab.py) when that one does; otherwise transformers' (or none), which
     the run's tokenizer check then refuses with the measured agreement."""
-    from workbench.evaltext import pydoc_eval_text
-    from workbench.gguf_vocab import tokenizer_from_gguf
-    from workbench.validity import MIN_TOKENIZER_AGREEMENT, gguf_tokenizer_agreement
+    from workbench.data.evaltext import pydoc_eval_text
+    from workbench.data.gguf_vocab import tokenizer_from_gguf
+    from workbench.data.validity import MIN_TOKENIZER_AGREEMENT, gguf_tokenizer_agreement
 
     probe = pydoc_eval_text()[:20_000]  # English prose; the run checks its own eval text again
 

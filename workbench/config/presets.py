@@ -64,7 +64,7 @@ class LatencySpec(StrictModel):
     pin_threads: bool = Field(True, description="Pin the measuring worker's threads to a fixed set of cores.")
     interleave: bool | None = Field(None, description="After the run, time all variants again round-robin in one "
                                     "worker and report paired ratios to the baseline; null: when they fit in memory "
-                                    "together, false: never (workbench/speedpass.py).")
+                                    "together, false: never (workbench/running/speedpass.py).")
 
 
 class SamplesSpec(StrictModel):
@@ -237,7 +237,7 @@ def check_lm_eval_tasks(preset: Preset, origin: str = "preset") -> None:
     if preset.lm_eval is None:
         return
     from workbench.lmeval.tasks import local_task_configs
-    from workbench.sources import hub_reachable
+    from workbench.data.sources import hub_reachable
 
     local = sorted(local_task_configs())
     remote = [t for t in preset.lm_eval.tasks if t not in local]

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from workbench.presets import Preset
+from workbench.config.presets import Preset
 
 
 @dataclass
@@ -45,27 +45,54 @@ def run_sweep(
     cancel: threading.Event | None = None,
 ) -> list[SweepRun]:
     """Run every preset as its own Runner; concurrently when `executor_for` gives each an executor (Ray)."""
-    from workbench.runner import Runner
-    from workbench.store import History
-
-    History().close()  # migrate once here, before several threads open the database at once
-    from workbench.planning.machine import machine_profile
-
-    for threads in sorted({p.threads for p in presets}):
-        machine_profile(threads)  # once here, so concurrent runs do not race on the profile file
+    _prepare_shared_files(presets)
     names = [p.name for p in presets]
     runs = [SweepRun(p, p.name if names.count(p.name) == 1 else f"{p.name}@{p.model}") for p in presets]
-    cancel = cancel or threading.Event()
-    runners: list[Runner] = []
-    lock = threading.Lock()
+    sweep = _Sweep(executor_for, on_event, use_cache, cancel or threading.Event())
+    threads = [threading.Thread(target=sweep.run_one, args=(item,), name=f"sweep-{i}", daemon=True)
+               for i, item in enumerate(runs)]
+    if executor_for is not None:
+        sweep.wait(threads)  # all at once: the cluster queues their tasks
+    else:
+        for item, thread in zip(runs, threads):  # one after another: they would share this machine's cores
+            if sweep.cancel.is_set():
+                item.status = "cancelled"
+            else:
+                sweep.wait([thread])
+    return runs
 
-    def one(item: SweepRun) -> None:
-        executor = executor_for(item.preset) if executor_for else None
-        runner = Runner(item.preset, use_cache=use_cache, executor=executor,
-                        on_event=lambda event: on_event(item, event))
-        with lock:
-            runners.append(runner)
-            if cancel.is_set():
+
+def _prepare_shared_files(presets: list[Preset]) -> None:
+    """Create what every run reads, once, before several threads would race to create it."""
+    from workbench.data.store import History
+    from workbench.planning.machine import machine_profile
+
+    History().close()  # migrate the database here, before several threads open it at once
+    for threads in sorted({p.threads for p in presets}):
+        machine_profile(threads)  # the machine profile file, per thread count
+
+
+@dataclass
+class _Sweep:
+    """The runners of one sweep, so a cancel reaches every one started so far."""
+
+    executor_for: Callable[[Preset], Any] | None
+    on_event: Callable[[SweepRun, Any], None]
+    use_cache: bool
+    cancel: threading.Event
+    runners: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def run_one(self, item: SweepRun) -> None:
+        """One preset's run, its outcome written onto `item`; an error fails this run alone."""
+        from workbench.running.runner import Runner
+
+        executor = self.executor_for(item.preset) if self.executor_for else None
+        runner = Runner(item.preset, use_cache=self.use_cache, executor=executor,
+                        on_event=lambda event: self.on_event(item, event))
+        with self.lock:
+            self.runners.append(runner)
+            if self.cancel.is_set():
                 runner.cancel()
         item.run_id, item.out_dir, item.status = runner.run_id, str(runner.out_dir), "running"
         started = time.perf_counter()
@@ -82,30 +109,20 @@ def run_sweep(
             if close:
                 close()
 
-    def stop_all() -> None:
-        with lock:
-            for runner in runners:
+    def stop_all(self) -> None:
+        with self.lock:
+            for runner in self.runners:
                 runner.cancel()
 
-    def wait(threads: list[threading.Thread]) -> None:
+    def wait(self, threads: list[threading.Thread]) -> None:
+        """Start the threads and wait for them, passing a cancel on to every runner."""
         for thread in threads:
             thread.start()
         while any(t.is_alive() for t in threads):
-            if cancel.wait(0.5):
-                stop_all()
+            if self.cancel.wait(0.5):
+                self.stop_all()
                 for thread in threads:
                     thread.join()
-
-    threads = [threading.Thread(target=one, args=(item,), name=f"sweep-{i}", daemon=True) for i, item in enumerate(runs)]
-    if executor_for is not None:
-        wait(threads)  # all at once: the cluster queues their tasks
-    else:
-        for item, thread in zip(runs, threads):  # one after another: they would share this machine's cores
-            if cancel.is_set():
-                item.status = "cancelled"
-            else:
-                wait([thread])
-    return runs
 
 
 def summary_table(runs: list[SweepRun]) -> str:

@@ -34,7 +34,7 @@ def tokenizer_from_gguf(path: Path) -> Any | None:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from workbench.gguf_info import gguf_field
+    from workbench.data.gguf_info import gguf_field
 
     reader = gguf.GGUFReader(path)
     if gguf_field(reader, "tokenizer.ggml.model") != "gpt2":

@@ -35,7 +35,7 @@ FORWARDED_ENV = ("WORKBENCH_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 POLL_S = 0.25
 TIMING_RESOURCE = "workbench_timing_node"  # one unit per node: a timing step holds the node's only one
 # The steps whose figures include wall-clock speeds: the measuring worker and the interleaved speed pass.
-TIMING_TARGETS = ("workbench.worker:measure_variant", "workbench.speedpass:speed_pass_worker")
+TIMING_TARGETS = ("workbench.running.worker:measure_variant", "workbench.running.speedpass:speed_pass_worker")
 PACKAGE_DIR = Path(__file__).resolve().parent
 _SHIPPED = False  # True once connect() started the job with the package in its runtime_env
 

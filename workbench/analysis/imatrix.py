@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from workbench.calibration import CalibrationSpec, calibration_sequences, describe
+from workbench.data.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
 
 IMATRIX_FILE = "imatrix.npz"  # kept in the artifact folder, so anyone can inspect what the quantizer was given
@@ -30,7 +30,7 @@ def gguf_tensor_names(gguf_path: Path) -> tuple[str, dict[str, tuple[int, ...]]]
     """(architecture, {tensor name: shape as numpy sees it, rows first}) of a GGUF file."""
     import gguf
 
-    from workbench.gguf_info import gguf_field
+    from workbench.data.gguf_info import gguf_field
 
     reader = gguf.GGUFReader(gguf_path)
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}

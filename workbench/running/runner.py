@@ -21,12 +21,12 @@ from typing import Any, Callable
 
 from workbench.environment import environment
 from workbench.errors import WorkbenchError
-from workbench.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult
+from workbench.running.handoff import BuildRequest, BuildResult, MeasureRequest, MeasureResult
 from workbench.metrics.windows import plan_windows, scored_count, scored_label
 from workbench.paths import runs_dir
-from workbench.presets import Preset, VariantSpec
+from workbench.config.presets import Preset, VariantSpec
 from workbench.process import WorkerOutcome, run_in_worker
-from workbench.store import History
+from workbench.data.store import History
 
 METRIC_NAMES = (
     "disk_bytes", "weight_bytes", "peak_rss_bytes", "gpu_peak_bytes", "load_s", "ttft_s", "ttft_s_min", "ttft_s_max",
@@ -124,7 +124,7 @@ class Runner:
         self._check_before_preparing()
         self._emit(None, "preparing", f"resolving {preset.model}")
         prepared = self._worker(
-            "workbench.worker:prepare_source",
+            "workbench.running.worker:prepare_source",
             {"model": preset.model, "trust_remote_code": preset.trust_remote_code, "eval": preset.eval.model_dump(),
              "device": preset.device, "eval_tokens_path": str(tokens_path), "allow_pickle": preset.allow_pickle},
             "prepare", None, "preparing", -1,
@@ -165,7 +165,7 @@ class Runner:
         if all_reused:
             run["protocol"]["interleave"] = "every figure reused (--reuse-speed), the interleaved ratios included"
         elif not self._cancel.is_set():
-            from workbench.speedpass import interleaved_pass
+            from workbench.running.speedpass import interleaved_pass
 
             if interleaved_pass(self, records, run):  # paired speed ratios (speedpass.py): store the records again
                 for position, record in records.items():
@@ -182,7 +182,7 @@ class Runner:
         run["status"] = "cancelled" if "cancelled" in statuses else ("ok" if statuses == {"ok"} else "failed")
         run["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         self._write_results(run)
-        from workbench.report import export_html  # plotly loads only now, after the measuring is done
+        from workbench.views.report import export_html  # plotly loads only now, after the measuring is done
 
         export_html(run, self.out_dir / "report.html")
         history.finish_run(run, run["status"])
@@ -194,7 +194,7 @@ class Runner:
     def _stored_measurements(self, prep: dict, tokens_path: Path) -> tuple[dict[str, str], dict[str, dict]]:
         """Each variant's measurement key, and the stored entries this run may reuse (measure_cache.py)."""
         from workbench.cache import file_sha256
-        from workbench.measure_cache import load_entry, measurement_key
+        from workbench.running.measure_cache import load_entry, measurement_key
 
         preset = self.preset
         by_name = {spec.name: spec for spec in preset.variants}
@@ -223,26 +223,28 @@ class Runner:
         return keys, stored
 
     def _store_measurements(self, records: dict[int, dict], keys: dict[str, str]) -> None:
-        from workbench.measure_cache import store_entry
+        from workbench.running.measure_cache import store_entry
 
         for record in records.values():
             if record["status"] == "ok" and record.get("reused", {}).get("figures") != "quality and speed":
                 store_entry(keys[record["name"]], self.run_id, record)
 
     def _check_before_preparing(self) -> None:
-        """Group sizes and bnb-auto budgets against the model's shape, from its config: seconds, not a calibration's minutes."""
+        """What the methods refuse from the model's shape (`Method.refusals`), read from its config: seconds, not a
+        calibration's minutes."""
+        from workbench.config.policy import shape_refusals
+        from workbench.methods.registry import get_method
         from workbench.planning.modelshape import read_shape
-        from workbench.policy import budget_refusals, group_size_refusals
 
-        if not any(s.method in ("gptq", "awq", "bnb-auto") for v in self.preset.variants for s in v.stages()):
+        if not any(get_method(s.method).checks_shape() for v in self.preset.variants for s in v.stages()):
             return
         try:
             shape, _ = read_shape(self.preset.model, self.preset.trust_remote_code)
         except WorkbenchError:  # ShapeError and the like: preparing the model will say what is wrong
             return
-        reasons = group_size_refusals(self.preset, shape) + budget_refusals(self.preset, shape)
+        reasons = shape_refusals(self.preset, shape)
         if reasons:
-            from workbench.policy import PolicyError
+            from workbench.config.policy import PolicyError
 
             raise PolicyError(reasons)
 
@@ -257,13 +259,13 @@ class Runner:
             source_fingerprint=prep["source"]["fingerprint"], source_gguf=prep["source"]["gguf_file"],
             threads=preset.threads, device=preset.device, trust_remote_code=preset.trust_remote_code,
             use_cache=self.use_cache)
-        outcome = self._worker("workbench.worker:build_artifact", build_request.to_payload(), f"{spec.name}-build",
+        outcome = self._worker("workbench.running.worker:build_artifact", build_request.to_payload(), f"{spec.name}-build",
                                spec.name, "building", step)
         if not outcome.ok:
             return self._record(spec, "cancelled" if outcome.cancelled else "failed", f"build: {outcome.error}")
         built = BuildResult.from_payload(outcome.result)
         if stored is not None:
-            from workbench.measure_cache import artifact_identity
+            from workbench.running.measure_cache import artifact_identity
 
             if artifact_identity(built.artifact_path) != stored["artifact"]:  # rebuilt since: measure it all again
                 stored = None
@@ -277,7 +279,7 @@ class Runner:
             write_reference=str(reference) if is_baseline and stored is None else None,
             reference=str(reference) if baseline_ok and not is_baseline and stored is None and reference.exists() else None,
             measure_quality=stored is None)
-        measured = self._worker("workbench.worker:measure_variant", request.to_payload(), f"{spec.name}-measure",
+        measured = self._worker("workbench.running.worker:measure_variant", request.to_payload(), f"{spec.name}-measure",
                                 spec.name, "measuring", step)
         record = self._record(spec, "ok", None, built)
         record["timing"] = {"build_s": build_wall_s, "build_cached": all(s.cached for s in built.stages),
@@ -298,13 +300,13 @@ class Runner:
             if found:
                 record[key] = found
         if result.runtime.device == "cpu":  # the bandwidth is this CPU's: no roofline for GPU runs
-            from workbench.roofline import roofline
+            from workbench.planning.roofline import roofline
 
             bandwidth = (self.machine_profile or {}).get("bandwidth", {}).get("bandwidth_bytes_s")
             record["roofline"] = roofline(bandwidth, record["metrics"]["weight_bytes"], result.weights_read,
                                           record["metrics"]["decode_tok_s"])
         if stored is not None:
-            from workbench.measure_cache import merge_quality
+            from workbench.running.measure_cache import merge_quality
 
             record = merge_quality(record, stored["record"])
             record["reused"] = {"run_id": stored["run_id"], "figures": "quality"}
@@ -314,7 +316,7 @@ class Runner:
             record["quality_detail"]["divergence_note"] = (
                 "this variant's artifact was rebuilt, but the baseline's figures were reused, so its log-probs are not "
                 "in this run: KLD / top-1 / delta-p are null (run again with --no-cache)")
-        from workbench.validity import sanity_flags
+        from workbench.data.validity import sanity_flags
 
         record["flags"] = sanity_flags(record, is_baseline, prep["validity"])
         return record
@@ -340,7 +342,7 @@ class Runner:
 
     def _sensitivity(self, records: dict[int, dict], prep: dict) -> dict:
         """Per-block KLD of the chosen variant, and the mixed-precision variant that table suggests."""
-        from workbench.sensitivity import most_sensitive, suggested_variant
+        from workbench.analysis.sensitivity import most_sensitive, suggested_variant
 
         spec = self.preset.sensitivity
         assert spec is not None
@@ -355,7 +357,7 @@ class Runner:
             return result
         self._emit(spec.variant, "measuring", "per-block sensitivity", -1)
         outcome = self._worker(
-            "workbench.sensitivity:sensitivity_worker",
+            "workbench.analysis.sensitivity:sensitivity_worker",
             {"baseline_dir": base["artifact_path"], "variant_dir": target["artifact_path"], "threads": self.preset.threads,
              "eval_tokens_path": str(self.out_dir / "eval_tokens.json"), "max_tokens": spec.max_tokens,
              "context": self.preset.eval.context, "stride": self.preset.eval.stride, "bos_id": prep["validity"]["bos_id"]},

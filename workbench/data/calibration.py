@@ -1,7 +1,7 @@
 """Calibration data for methods that need activations (GPTQ, AWQ, SparseGPT, Wanda): token sequences
 cut from a text that never overlaps the evaluation text.
 
-Texts: `pydoc` (the later pydoc topics, see workbench/evaltext.py), `pydoc-a` / `pydoc-b` (its two
+Texts: `pydoc` (the later pydoc topics, see workbench/data/evaltext.py), `pydoc-a` / `pydoc-b` (its two
 disjoint halves, so calibration robustness can compare two different texts), `wikitext2` (train split,
 needs a hub) or a UTF-8 file. `seed` picks which sequences are used, so seeds are a second way to
 measure how much a result depends on its calibration set.
@@ -36,7 +36,7 @@ class CalibrationSpec(BaseModel):
 
 
 def calibration_text(spec: str) -> str:
-    from workbench.evaltext import pydoc_calibration_text
+    from workbench.data.evaltext import pydoc_calibration_text
 
     if spec in ("pydoc", "pydoc-a", "pydoc-b"):
         text = pydoc_calibration_text()
@@ -66,7 +66,7 @@ def calibration_text(spec: str) -> str:
 
 def _refuse_overlap(text: str, path: Path) -> None:
     """A user's file must not contain evaluation paragraphs: calibrating on the test text flatters the result."""
-    from workbench.evaltext import pydoc_eval_text
+    from workbench.data.evaltext import pydoc_eval_text
 
     shared = [p for p in pydoc_eval_text().split("\n\n") if len(p.strip()) >= _OVERLAP_MIN_CHARS and p.strip() in text]
     if shared:

@@ -105,9 +105,9 @@ def reproduce(path: Path, out_dir: Path | None = None, on_event=lambda _e: None,
 
     The bundle comes from someone else: its preset is shown (`show`) and passes the policy gate in
     bundle mode, so its local paths and remote code run only with `allow_paths` / `trust_remote_code`."""
-    from workbench.policy import bundle_mode, enforce
-    from workbench.presets import dump_preset, parse_preset
-    from workbench.runner import Runner
+    from workbench.config.policy import bundle_mode, enforce
+    from workbench.config.presets import dump_preset, parse_preset
+    from workbench.running.runner import Runner
 
     preset_data, original, tokens = read_bundle(path)
     preset = parse_preset(preset_data, f"{path}:preset.yaml")

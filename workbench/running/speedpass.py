@@ -98,7 +98,7 @@ def interleaved_pass(runner: Any, records: dict[int, dict], run: dict[str, Any])
                "eval_tokens_path": str(runner.out_dir / "eval_tokens.json"),
                "variants": [{"name": r["name"], "runtime": r["runtime"]["name"], "artifact_path": r["artifact_path"]}
                             for r in ok]}
-    outcome = runner._worker("workbench.speedpass:speed_pass_worker", payload, "interleaved", None, "measuring", -1)
+    outcome = runner._worker("workbench.running.speedpass:speed_pass_worker", payload, "interleaved", None, "measuring", -1)
     if not outcome.ok:
         protocol["interleave"] = f"failed ({outcome.error}); sequential pass only"
         return False

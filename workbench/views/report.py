@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from workbench.validity import display_status, flags_text
+from workbench.data.validity import display_status, flags_text
 
 MB = 1e6
 
@@ -280,11 +280,11 @@ def export_html(run: dict[str, Any], path: Path) -> None:
     """A standalone report: table, protocol and every chart, with plotly.js embedded (opens offline)."""
     import html
 
-    from workbench.plots import all_figures
+    from workbench.views.plots import all_figures
 
-    from workbench.robustness import calibration_groups, robustness_text
+    from workbench.analysis.robustness import calibration_groups, robustness_text
 
-    from workbench.plots import FIDELITY_CHARTS
+    from workbench.views.plots import FIDELITY_CHARTS
 
     figures = all_figures(run)
     groups = calibration_groups(run)

@@ -15,8 +15,9 @@ Every entry point calls it: the app's Run, Plan and Save buttons and Chat's load
 - the caps of shared mode (environment variables, defaults in CAPS) on threads, eval tokens,
   calibration tokens, distillation time, lm-eval items, generated tokens, variants, model size and
   the planner's estimated total time;
-- gptq/awq group sizes against the model's layer widths (read from config.json or GGUF metadata),
-  so a bad group size costs a second instead of a calibration.
+- what each method refuses on the model's shape (`Method.refusals`, the shape read from config.json or
+  GGUF metadata: a group size that does not divide a width, a budget below the smallest model), so a
+  bad option costs a second instead of a calibration.
 
 Caps are read when the mode is made, so a running app follows the environment it was started with.
 """
@@ -165,7 +166,7 @@ def path_fields(preset: Any) -> Iterator[tuple[str, str]]:
     """(where, value) of every file-naming field in the preset that holds a path rather than a keyword."""
     from workbench.methods.registry import get_method, method_names
 
-    from workbench.sources import classify_model
+    from workbench.data.sources import classify_model
 
     if classify_model(preset.model).is_local:
         yield "model", preset.model
@@ -294,7 +295,7 @@ def _model_refusals(preset: Any, mode: Mode) -> list[str]:
         return []  # the run itself will say what is wrong with the model
     except WorkbenchError as exc:
         return [f"model: {exc}"]
-    reasons = group_size_refusals(preset, shape) + budget_refusals(preset, shape)
+    reasons = shape_refusals(preset, shape)
     params = shape.params()
     if _over(params, mode.cap("params")):
         reasons.append(f"model: {preset.model} has about {_count(params)} parameters; this app allows at most "
@@ -318,57 +319,24 @@ def _model_refusals(preset: Any, mode: Mode) -> list[str]:
     return reasons
 
 
-def group_size_refusals(preset: Any, shape: Any) -> list[str]:
-    """gptq/awq group sizes that do not divide a quantized layer's input width (read from the config)."""
-    from workbench.methods.llmcompressor import _ignored, check_group_size
-    from workbench.methods.registry import get_method
+def shape_refusals(preset: Any, shape: Any) -> list[str]:
+    """What each stage's method refuses on a model of this shape (`Method.refusals`), one line per reason.
 
-    reasons = []
-    for variant in preset.variants:
-        for stage in variant.stages():
-            if stage.method not in ("gptq", "awq"):
-                continue
-            options = get_method(stage.method).Options.model_validate(stage.options)
-            widths = {name: n_in for name, _gguf, _layer, n_in, _out in shape.linears()
-                      if not _ignored(name, options.ignore)}  # type: ignore[attr-defined]
-            try:
-                check_group_size(widths, options.group_size)  # type: ignore[attr-defined]
-            except WorkbenchError as exc:
-                reasons.append(f"variant '{variant.name}' ({stage.method}): {exc}")
-    return reasons
-
-
-def budget_refusals(preset: Any, shape: Any) -> list[str]:
-    """bnb-auto budgets below the smallest model it can make, from the config's shape.
-
-    Only a budget clearly below the estimate (by more than 1 %, the planner's error on bnb formats) is
-    refused here; one nearer the edge is checked exactly by the build, which then fails that variant alone."""
-    from workbench.methods.base import DTYPE_BYTES
-    from workbench.methods.bnb_auto import BnbAuto, BnbAutoOptions
+    Every stage sees its own input: the config's shape passed through the earlier stages' `reshape`."""
+    from workbench.methods.base import DTYPE_BYTES, ShapeCheck
     from workbench.planning.weightsize import stage_methods
 
     reasons = []
     for variant in preset.variants:
-        stages = [s.model_dump() for s in variant.stages()]
-        if stages[-1]["method"] != "bnb-auto":
-            continue
-        if (stages[-1]["options"] or {}).get("target_mb") is None:
-            continue  # the options check names the missing field
         try:
-            pairs = stage_methods(stages)
+            pairs = stage_methods([s.model_dump() for s in variant.stages()])
         except ValueError:  # invalid options: the preset check says which
             continue
         current, rest = shape, shape.dtype if shape.dtype in DTYPE_BYTES else "float32"
-        for method, stage_options in pairs[:-1]:  # earlier stages may shrink the model or change its float type
-            current, rest = method.reshape(current, rest, stage_options)
-        options = pairs[-1][1]
-        assert isinstance(options, BnbAutoOptions)
-        floor, _ = BnbAuto.bounds(current, rest, options)
-        budget = options.target_mb * 1e6
-        if budget < 0.99 * floor:
-            reasons.append(f"variant '{variant.name}' (bnb-auto): target_mb {options.target_mb:g} is below the smallest "
-                           f"model bnb-auto can make from {preset.model} (about {floor / 1e6:.2f} MB with every block "
-                           f"{options.quant}); raise target_mb")
+        for index, (method, options) in enumerate(pairs):
+            check = ShapeCheck(model=preset.model, shape=current, rest=rest, last=index == len(pairs) - 1)
+            reasons += [f"variant '{variant.name}' ({method.name}): {reason}" for reason in method.refusals(options, check)]
+            current, rest = method.reshape(current, rest, options)
     return reasons
 
 

@@ -139,7 +139,7 @@ def calibration_spread(run: dict[str, Any]):
     """Perplexity of each calibration of a recipe, one column per recipe: the spread is the luck."""
     import plotly.graph_objects as go
 
-    from workbench.robustness import calibration_groups
+    from workbench.analysis.robustness import calibration_groups
 
     figure = go.Figure()
     for group in calibration_groups(run):
@@ -244,7 +244,7 @@ CHART_LABELS = [spec[0] for spec in CHART_SPECS.values()]
 
 
 def _has_calibration_groups(run: dict[str, Any]) -> bool:
-    from workbench.robustness import calibration_groups
+    from workbench.analysis.robustness import calibration_groups
 
     return bool(calibration_groups(run))
 

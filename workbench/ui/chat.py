@@ -144,7 +144,7 @@ def stream_answers(run_id: str, names: list[str], prompt: str, session: dict, re
             for kind, value in worker.poll():
                 if kind == "token":
                     entry["tokens"] += 1
-                    entry["text"] += value[1]
+                    entry["text"] = value[1]
                 elif kind == "note":
                     entry["note"] = value
                 elif kind == "done":

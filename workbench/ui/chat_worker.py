@@ -1,14 +1,14 @@
 """Long-lived chat workers: one process per loaded variant, streaming tokens back over a pipe.
 
 A variant loads once and answers prompt after prompt; if it crashes, only its panel shows the
-error, and the next prompt starts a fresh worker (chat._workers). Text is streamed as pieces (the
-decoded difference each new token makes), so the UI can compare and mark the visible text.
+error, and the next prompt starts a fresh worker (chat._workers). Each token comes with the visible
+text decoded so far, which the UI compares and marks.
 
 Messages from the worker (kind, value):
     ("progress", str)           while loading: what it is doing now
     ("ready", load_s)           loaded
     ("note", (rid, str))        about one answer (e.g. the prompt was truncated to fit the context)
-    ("token", (rid, id, text))  one generated token and the visible text it adds
+    ("token", (rid, id, text))  one generated token and the whole visible text so far
     ("done", (rid, stats))      the answer ended; stats are the generation's own timing, measured once
     ("failed", (rid, str))      this answer failed (the worker stays loaded); one line
     ("error", str)              loading failed; one line
@@ -109,9 +109,10 @@ def answer(variant: Any, stops: set[int], prompt: str, max_new_tokens: int, send
         if token in stops:
             break
         tokens.append(token)
-        new_text = variant.decode(tokens)
-        send(("token", (rid, token, new_text[len(text):])))
-        text = new_text
+        # The whole visible text so far, not a difference: a token that ends inside a multi-byte character
+        # decodes to "\ufffd" until the next one completes it, which changes text already shown.
+        text = variant.decode(tokens)
+        send(("token", (rid, token, text)))
     # tok/s over the tokens after the first: the first one's time is the prompt's (TTFT). Measured once, here.
     decode_s = (last - first) if first is not None and last is not None else 0.0
     steps = generated - 1

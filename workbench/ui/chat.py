@@ -123,7 +123,7 @@ def stream_answers(run_id: str, names: list[str], prompt: str, session: dict, re
             if not worker.ready and worker.error is None and time.perf_counter() - worker.started > 600:
                 worker.error = "the variant did not load in 10 minutes"
         waited = time.perf_counter() - started
-        yield [_loading_panel(workers[n], label, waited) for n, label in zip(names, labels)] + blank
+        yield [_wrap(_loading_panel(workers[n], label, waited), blind) for n, label in zip(names, labels)] + blank
         time.sleep(0.2)
 
     limit = max_new_tokens()
@@ -151,10 +151,15 @@ def stream_answers(run_id: str, names: list[str], prompt: str, session: dict, re
                     entry.update(done=True, stats=value, text=value["text"])
                 else:
                     entry.update(done=True, error=value)
-        yield [_panel(state, name, baseline, label, blind) for name, label in zip(names, labels)] + blank
+        yield [_wrap(_panel(state, name, baseline, label, blind), blind) for name, label in zip(names, labels)] + blank
         if all(entry["done"] for entry in state.values()):
             return
         time.sleep(0.05)
+
+
+def _wrap(panel: str, blind: bool) -> str:
+    """One element per answer (gradio repeats a component's classes on nested elements), for pages and tests."""
+    return f"<div class='{'blind-answer' if blind else 'chat-answer'}'>{panel}</div>"
 
 
 def _loading_panel(worker: ChatWorker, label: str, waited: float) -> str:

@@ -137,6 +137,18 @@ def test_killed_worker_shows_its_reason_and_the_next_prompt_works_everywhere(cha
     assert errors == []
 
 
+def _vote_rows(page, votes: int) -> list[list[str]]:
+    """The vote table's rows once every row counts `votes` votes (the table updates after the note)."""
+    rows: list[list[str]] = []
+    for _ in range(120):
+        rows = [row for row in page.eval_on_selector_all(
+            "table.vote-rows tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.innerText.trim()))") if len(row) > 6]
+        if len(rows) == 2 and all(row[2] == str(votes) for row in rows):
+            return rows
+        page.wait_for_timeout(500)
+    raise AssertionError(f"the vote table never showed {votes} votes per variant: {rows}")
+
+
 def test_blind_vote_reveals_both_names_and_tables_the_counts(chat_app) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -163,12 +175,11 @@ def test_blind_vote_reveals_both_names_and_tables_the_counts(chat_app) -> None:
             note = page.locator(".vote-note").first.inner_text()
             assert re.search(r"A was (alpha|beta)-variant, B was (alpha|beta)-variant", note), note
             assert "alpha-variant" in note and "beta-variant" in note
-            page.wait_for_function(f"[...document.querySelectorAll('.vote-table tbody tr')].filter(r => r.cells.length > 6 "
-                                   f"&& r.cells[2].innerText.trim() === '{round_ + 1}').length === 2", timeout=60_000)
-            table = page.locator(".vote-table").first.inner_text()
+            rows = _vote_rows(page, votes=round_ + 1)
+            assert {row[1] for row in rows} == set(NAMES), rows
+            table = page.locator("table.vote-rows").inner_text()
             assert "[object Object]" not in table and "alpha-variant" in table and "beta-variant" in table
-        rows = page.eval_on_selector_all(".vote-table tbody tr", "rows => rows.map(r => [...r.cells].map(c => c.innerText.trim()))")
-        by_name = {row[1]: row for row in rows if len(row) > 6}
+        by_name = {row[1]: row for row in rows}
         assert set(by_name) == set(NAMES), rows
         assert [by_name[name][2] for name in NAMES] == ["2", "2"]  # two votes each, wins + losses = 2
         assert sum(int(by_name[name][3]) for name in NAMES) == 2

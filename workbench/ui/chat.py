@@ -15,7 +15,7 @@ from workbench.paths import runs_dir
 from workbench.store import History
 from workbench.ui.chat_worker import ChatWorker
 from workbench.ui.common import limits, owned_run_ids, visitor_id
-from workbench.ui.votes import vote_table
+from workbench.ui.votes import vote_html, vote_table
 
 PANELS = 4
 MAX_NEW_TOKENS = 64
@@ -199,8 +199,8 @@ def _vote_visitor(request: Any) -> str | None:
     return (visitor_id(request) or "") if limits().shared else None
 
 
-def leaderboard_frame(request: Any = None):
-    return vote_table(History().leaderboard(visitor=_vote_visitor(request)))
+def leaderboard_html(request: Any = None) -> str:
+    return vote_html(vote_table(History().leaderboard(visitor=_vote_visitor(request))))
 
 
 def record_vote(choice: str, session: dict, request: Any = None) -> tuple[str, Any]:
@@ -238,8 +238,8 @@ def build_chat(session: gr.State, current_run: gr.State, app: gr.Blocks | None =
         with gr.Row():
             votes = [gr.Button(label) for label in ("A is better", "Tie", "B is better")]
         vote_note = gr.Markdown(elem_classes=["vote-note"])
-        leaderboard = gr.Dataframe(label="Votes per variant (win share = wins / votes, 95% Wilson interval)",
-                                   interactive=False, elem_classes=["vote-table"])
+        gr.Markdown("**Votes per variant** (win share = wins / votes, with its 95% Wilson interval)")
+        leaderboard = gr.HTML(elem_classes=["vote-table"])
 
     def runs_choices(session_value: dict, current: str | None, request: gr.Request):
         mine = owned_run_ids(session_value, visitor_id(request))  # None: not shared, every run
@@ -267,12 +267,13 @@ def build_chat(session: gr.State, current_run: gr.State, app: gr.Blocks | None =
 
     def voter(choice: str):
         def vote(session_value: dict, request: gr.Request):  # the annotation lets gradio pass the request
-            return record_vote(choice, session_value, request)
+            note, frame = record_vote(choice, session_value, request)
+            return note, vote_html(frame)
 
         return vote
 
     def on_load(session_value: dict, current: str | None, request: gr.Request):
-        return runs_choices(session_value, current, request), leaderboard_frame(request)
+        return runs_choices(session_value, current, request), leaderboard_html(request)
 
     refresh.click(runs_choices, [session, current_run], run_box, api_name="chat_runs")
     current_run.change(runs_choices, [session, current_run], run_box)

@@ -35,3 +35,11 @@ def vote_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
                       "95% CI low": round(interval[0], 3) if interval else None,
                       "95% CI high": round(interval[1], 3) if interval else None})
     return pd.DataFrame(table, columns=COLUMNS)
+
+
+def vote_html(table: pd.DataFrame) -> str:
+    """The table as plain HTML: every row is in the page as text (gradio's Dataframe draws rows lazily, and a
+    list of dicts reached it as "[object Object]")."""
+    if table.empty:
+        return "<p><i>No blind votes yet.</i></p>"
+    return table.to_html(index=False, na_rep="—", classes="vote-rows", border=0, escape=True)

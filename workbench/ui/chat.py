@@ -123,7 +123,7 @@ def stream_answers(run_id: str, names: list[str], prompt: str, session: dict, re
             if not worker.ready and worker.error is None and time.perf_counter() - worker.started > 600:
                 worker.error = "the variant did not load in 10 minutes"
         waited = time.perf_counter() - started
-        yield [_wrap(_loading_panel(workers[n], label, waited), blind) for n, label in zip(names, labels)] + blank
+        yield [_wrap(_loading_panel(workers[n], label, waited, blind), blind) for n, label in zip(names, labels)] + blank
         time.sleep(0.2)
 
     limit = max_new_tokens()
@@ -162,11 +162,11 @@ def _wrap(panel: str, blind: bool) -> str:
     return f"<div class='{'blind-answer' if blind else 'chat-answer'}'>{panel}</div>"
 
 
-def _loading_panel(worker: ChatWorker, label: str, waited: float) -> str:
+def _loading_panel(worker: ChatWorker, label: str, waited: float, blind: bool = False) -> str:
     if worker.error:
         line = f"failed to load: {worker.error}"
-    elif worker.ready:
-        line = f"loaded in {worker.load_s:.1f} s; waiting for the others"
+    elif worker.ready:  # a blind panel leaves out the load time: a small GGUF loads faster than fp32
+        line = "loaded; waiting for the others" if blind else f"loaded in {worker.load_s:.1f} s; waiting for the others"
     else:
         line = f"{worker.stage} ({time.perf_counter() - worker.started:.0f} s)"
     return (f"<h4>{html.escape(label)}</h4><div class='chat-loading'><b>loading the variants ({waited:.0f} s)</b>"

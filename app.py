@@ -40,9 +40,9 @@ def build_app() -> gr.Blocks:
         with gr.Tab("Compare"):
             build_compare(session, current_run)
         with gr.Tab("Chat"):
-            build_chat(session, current_run)
+            build_chat(session, current_run, app)
         with gr.Tab("History"):
-            build_history(session, current_run)
+            build_history(session, current_run, app)
     return app
 
 

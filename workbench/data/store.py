@@ -58,6 +58,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN owner_start TEXT;
     ALTER TABLE runs ADD COLUMN visitor TEXT;
     """,
+    # Which app visitor cast a blind vote (a gradio session; NULL from older rows): a shared app shows each
+    # visitor only their own votes.
+    """
+    ALTER TABLE votes ADD COLUMN visitor TEXT;
+    """,
 ]
 
 
@@ -148,22 +153,32 @@ class History:
         with self.db:
             return self.db.execute("DELETE FROM runs WHERE run_id = ?", (run_id,)).rowcount > 0
 
-    def add_vote(self, run_id: str, prompt: str, variant_a: str, variant_b: str, winner: str) -> None:
+    def add_vote(self, run_id: str, prompt: str, variant_a: str, variant_b: str, winner: str,
+                 visitor: str | None = None) -> int:
+        """Store one blind vote; returns its id (change_vote replaces its winner)."""
         with self.db:
-            self.db.execute("INSERT INTO votes (created_at, run_id, prompt, variant_a, variant_b, winner) "
-                            "VALUES (?,?,?,?,?,?)", (_now(), run_id, prompt, variant_a, variant_b, winner))
+            cursor = self.db.execute("INSERT INTO votes (created_at, run_id, prompt, variant_a, variant_b, winner, visitor) "
+                                     "VALUES (?,?,?,?,?,?,?)", (_now(), run_id, prompt, variant_a, variant_b, winner, visitor))
+            return int(cursor.lastrowid)
 
-    def leaderboard(self) -> list[dict[str, Any]]:
-        """Wins, losses and ties per (run, variant) from blind votes, most wins first."""
+    def change_vote(self, vote_id: int, winner: str) -> None:
+        """A second vote on the same blind answer replaces the first (one answer pair counts once)."""
+        with self.db:
+            self.db.execute("UPDATE votes SET winner = ? WHERE id = ?", (winner, vote_id))
+
+    def leaderboard(self, visitor: str | None = None) -> list[dict[str, Any]]:
+        """Wins, losses and ties per (run, variant) from blind votes, most wins first; with `visitor`, only that
+        app visitor's votes."""
+        where, args = ("WHERE visitor = ?", (visitor, visitor)) if visitor is not None else ("", ())
         rows = self.db.execute(
-            """
+            f"""
             SELECT run_id, variant, SUM(result = 'win') AS wins, SUM(result = 'loss') AS losses, SUM(result = 'tie') AS ties
             FROM (
-                SELECT run_id, variant_a AS variant, CASE winner WHEN 'a' THEN 'win' WHEN 'b' THEN 'loss' ELSE 'tie' END AS result FROM votes
+                SELECT run_id, variant_a AS variant, CASE winner WHEN 'a' THEN 'win' WHEN 'b' THEN 'loss' ELSE 'tie' END AS result FROM votes {where}
                 UNION ALL
-                SELECT run_id, variant_b, CASE winner WHEN 'b' THEN 'win' WHEN 'a' THEN 'loss' ELSE 'tie' END FROM votes
+                SELECT run_id, variant_b, CASE winner WHEN 'b' THEN 'win' WHEN 'a' THEN 'loss' ELSE 'tie' END FROM votes {where}
             ) GROUP BY run_id, variant ORDER BY wins DESC, losses ASC
-            """
+            """, args
         )
         return [dict(row) for row in rows]
 

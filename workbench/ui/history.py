@@ -34,7 +34,7 @@ def load_owned_run(run_id: str | None, session: dict, visitor: str | None) -> di
     return run
 
 
-def build_history(session: gr.State, current_run: gr.State) -> None:
+def build_history(session: gr.State, current_run: gr.State, app: gr.Blocks | None = None) -> None:
     refresh = gr.Button("Refresh")
     runs = gr.Dataframe(label="Runs", interactive=False)
     with gr.Row():
@@ -89,5 +89,9 @@ def build_history(session: gr.State, current_run: gr.State) -> None:
     refresh.click(list_runs, session, [runs, pick, other], api_name="history_list")
     open_run.click(show, [pick, session], [note, table, *plots, current_run], api_name="history_open")
     compare.click(compare_two, [pick, other, session], table)
-    delete.click(remove, [pick, confirm, session], note, api_name="history_delete").then(list_runs, session, [runs, pick, other])
+    # After a delete the tick is cleared: the next run's delete asks for its own confirmation.
+    delete.click(remove, [pick, confirm, session], note, api_name="history_delete").then(
+        list_runs, session, [runs, pick, other]).then(lambda: False, None, confirm)
     export.click(export_files, [pick, session], files, api_name="history_export")
+    if app is not None:  # the list is filled when the page opens, not only on Refresh
+        app.load(list_runs, session, [runs, pick, other])

@@ -81,14 +81,17 @@ def _option_value(field: Any, value: Any) -> Any:
     return value
 
 
-def _form_options(method: str, fields: list[tuple[str, str, Any]], values: list) -> dict[str, Any]:
-    """The options the form holds for `method`: those that differ from the defaults (a YAML text option that does not
-    parse raises yaml.YAMLError)."""
-    options = {}
+def _form_options(method: str, fields: list[tuple[str, str, Any]], values: list,
+                  keep: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options the form holds for `method`: those that differ from the defaults, and those `keep` (the stage's
+    options as written) names, so an explicit default stays written (a YAML text option that does not parse raises
+    yaml.YAMLError). Keys of `keep` the method does not know stay, for the preset check to name."""
+    known = {name for owner, name, _field in fields if owner == method}
+    options = {k: v for k, v in (keep or {}).items() if k not in known}
     for (owner, name, field), value in zip(fields, values):
         if owner == method:
             value = _option_value(field, value)
-            if value != _default(field):
+            if value != _default(field) or name in (keep or {}):
                 options[name] = value
     return options
 
@@ -176,7 +179,8 @@ def preset_with_form(yaml_text: str, model: str, methods: list[str], threads: fl
             method = stage.get("method")
             if method in methods and method not in done:
                 done.add(method)
-                options = _form_options(method, fields, values)
+                written = stage.get("options") if isinstance(stage.get("options"), dict) else {}
+                options = _form_options(method, fields, values, keep=written)
                 if options:
                     stage["options"] = options
                 else:
@@ -373,7 +377,11 @@ def plan_preset(yaml_text: str, budget_gb: float | None) -> tuple[str, list[dict
     rows = [{"name": p.name, "method": p.method, "format": p.format, "weight_bytes": p.weight_bytes,
              "peak_bytes": p.peak_bytes, "build_s": None if p.cached else p.build_s, "cached": p.cached,
              "measure_s": p.measure_s} for p in plans]
-    return plan_markdown(preset, plans, context, budget_gb or preset.memory_budget_gb), rows
+    text = plan_markdown(preset, plans, context, budget_gb or preset.memory_budget_gb)
+    # The estimates themselves go to the plan table below (rounded, greyed live); the Markdown keeps the heading
+    # and the notes, so the page does not show the same numbers twice.
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("|"))
+    return text, rows
 
 
 def plan_over_budget(rows: list[dict[str, Any]], budget_gb: float | None) -> list[bool]:

@@ -515,7 +515,7 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
     status = gr.Markdown()
     with gr.Accordion("Plan: estimated weights, peak memory and time, before anything loads", open=True):
         plan_button = gr.Button("Plan this preset")
-        plan_box = gr.Markdown()
+        plan_box = gr.Markdown(elem_id="plan-box")
         plan_frame = gr.Dataframe(label="Plan (estimates)", interactive=False, visible=False,
                                   elem_classes=["compare-table"], elem_id="plan-table")
         plan_plot = gr.Plot(label="Plan chart", visible=False)

@@ -218,29 +218,33 @@ def run_preset(yaml_text: str, budget_gb: float | None, session: dict, request: 
     """Validate, then run in a background thread, streaming per-variant progress; finish with table and charts."""
     from workbench.runner import Runner
 
-    empty = [gr.skip()] * (3 + len(CHART_LABELS))  # results table, every chart, current run id, the run shown
+    # results table, every chart, current run id, the run shown; then the progress and results boxes, which stay
+    # hidden until they have rows (the tables' own values stay plain, so API clients get tables, not updates).
+    empty = [gr.skip()] * (3 + len(CHART_LABELS))
+    hide_progress = [gr.Column(visible=False), gr.skip()]
+    unchanged = [gr.skip(), gr.skip()]
     try:
         preset = gated_preset(yaml_text)
     except (WorkbenchError, yaml.YAMLError) as exc:
-        yield [f"**Cannot run:** {gate_message(exc)}", None] + empty
+        yield [f"**Cannot run:** {gate_message(exc)}", None] + empty + hide_progress
         return
     visitor = visitor_id(request) or f"anonymous-{id(session)}"  # an API call without a session is its own visitor
     try:
         ticket = RUNS.join(visitor)
     except WorkbenchError as exc:
-        yield [f"**Cannot run:** {exc}", None] + empty
+        yield [f"**Cannot run:** {exc}", None] + empty + hide_progress
         return
     session["ticket"] = ticket
     runner = None
     try:
         while (ahead := RUNS.ahead(ticket)) > 0:  # the page shows the place in the line while it waits
             if ticket.cancelled.is_set():
-                yield ["cancelled while waiting in the queue; nothing ran", None] + empty
+                yield ["cancelled while waiting in the queue; nothing ran", None] + empty + hide_progress
                 return
-            yield [f"waiting in the queue: {ahead} run(s) ahead of yours", None] + empty
+            yield [f"waiting in the queue: {ahead} run(s) ahead of yours", None] + empty + unchanged
             time.sleep(1.0)
         if ticket.cancelled.is_set():
-            yield ["cancelled while waiting in the queue; nothing ran", None] + empty
+            yield ["cancelled while waiting in the queue; nothing ran", None] + empty + hide_progress
             return
         events: queue.Queue = queue.Queue()
         runner = Runner(preset, on_event=events.put, visitor=visitor_id(request))
@@ -279,15 +283,15 @@ def _run_and_stream(runner: Any, preset: Any, events: queue.Queue, budget_gb: fl
         except queue.Empty:
             status = "running"
         table = pd.DataFrame([{"variant": k, "phase": p, "detail": m} for k, (p, m) in progress.items()])
-        yield [status, gr.Dataframe(value=table, visible=True)] + empty
+        yield [status, table] + empty + [gr.Column(visible=True), gr.skip()]
     if "error" in outcome:
-        yield [f"**Run failed:** {outcome['error']}", None] + empty
+        yield [f"**Run failed:** {outcome['error']}", gr.skip()] + empty + [gr.skip(), gr.skip()]
         return
     run = outcome["run"]
     session.setdefault("run_ids", []).append(run["run_id"])
     table = pd.DataFrame([{"variant": r["name"], "phase": r["status"], "detail": r["error"] or DASH} for r in run["variants"]])
-    yield [run_note(run), gr.Dataframe(value=table, visible=True), gr.Dataframe(value=styled_table(run, budget_gb), visible=True),
-           *figures(run, budget_gb), run["run_id"], run]
+    yield [run_note(run), table, styled_table(run, budget_gb), *figures(run, budget_gb), run["run_id"], run,
+           gr.Column(visible=True), gr.Column(visible=True)]
 
 
 def suggestion_markdown(run: dict[str, Any] | None) -> str:
@@ -419,7 +423,7 @@ def restyle_for_budget(budget_gb: float | None, run: dict[str, Any] | None, rows
 
     out: list[Any] = []
     if run:
-        out += [gr.Dataframe(value=styled_table(run, budget_gb), visible=True), *figures(run, budget_gb)]
+        out += [styled_table(run, budget_gb), *figures(run, budget_gb)]
     else:
         out += [gr.skip()] * (1 + len(CHART_LABELS))
     if rows:
@@ -519,9 +523,11 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
         plan_frame = gr.Dataframe(label="Plan (estimates)", interactive=False, visible=False,
                                   elem_classes=["compare-table"], elem_id="plan-table")
         plan_plot = gr.Plot(label="Plan chart", visible=False)
-    progress = gr.Dataframe(label="Progress", interactive=False, visible=False)
-    results = gr.Dataframe(label="Results (units in the headers; — means not applicable)", interactive=False,
-                           visible=False, elem_classes=["compare-table"], elem_id="results-table")
+    with gr.Column(visible=False) as progress_box:
+        progress = gr.Dataframe(label="Progress", interactive=False)
+    with gr.Column(visible=False) as results_box:
+        results = gr.Dataframe(label="Results (units in the headers; — means not applicable)", interactive=False,
+                               elem_classes=["compare-table"], elem_id="results-table")
     plots: list[gr.Plot] = []
     labels = [spec[0] for spec in CHART_SPECS.values()]
     for start_index in range(0, len(labels), 2):  # a grid, two charts a row; a chart without data stays hidden
@@ -582,7 +588,8 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
         preset_from_form(m, ms, t, fields, list(v))), [model, methods, threads, *inputs], [yaml_box, check])
     save.click(save_preset, [save_name, yaml_box], status, api_name="save_preset")
     # Many calls may wait at once: the run queue (runqueue.py) orders them and shows each its place.
-    run.click(run_preset, [yaml_box, budget, session], [status, progress, results, *plots, current_run, shown_run],
+    run.click(run_preset, [yaml_box, budget, session],
+              [status, progress, results, *plots, current_run, shown_run, progress_box, results_box],
               api_name="run_preset", concurrency_limit=None)
     cancel.click(cancel_run, session, status)
     plan_button.click(plan_outputs, [yaml_box, budget], [plan_box, plan_frame, plan_plot, plan_rows], api_name="plan_preset")

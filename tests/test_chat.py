@@ -121,7 +121,7 @@ def test_wilson_interval_matches_known_values() -> None:
 
 
 def test_votes_are_stored_per_visitor_and_tabled(tmp_path, monkeypatch) -> None:
-    from workbench.store import History
+    from workbench.data.store import History
     from workbench.ui.chat import record_vote
     from workbench.ui.votes import vote_table
 

@@ -43,7 +43,7 @@ def _store_run(history, run_id: str, created_at: str, model_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def chat_app(tiny_model_dir, workbench_home, tmp_path_factory):
-    from workbench.store import History
+    from workbench.data.store import History
 
     folder = tmp_path_factory.mktemp("chat-browser")
     model_dir = folder / "tiny-long"

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import html
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
 
 from workbench.errors import WorkbenchError
 from workbench.data.sources import classify_model
@@ -61,44 +67,118 @@ def owned_run_ids(session: dict, visitor: str | None) -> set[str] | None:
 
 
 def gate_message(exc: Exception) -> str:
-    """A refusal for the page: one bullet per reason."""
+    """A refusal or parse error for the page (Markdown): one bullet per policy reason; a YAML error with its line
+    and column; the whole message, with '<' and '>' escaped so Markdown does not swallow '<stream end>' as a tag."""
     from workbench.config.policy import PolicyError
 
+    if isinstance(exc, yaml.YAMLError):
+        return html.escape(yaml_error_text(exc), quote=False)
     if isinstance(exc, PolicyError) and len(exc.reasons) > 1:
-        return "\n" + "\n".join(f"- {reason}" for reason in exc.reasons)
-    return str(exc)
+        return "\n" + "\n".join(f"- {html.escape(reason, quote=False)}" for reason in exc.reasons)
+    return html.escape(str(exc), quote=False)
+
+
+def yaml_error_text(exc: yaml.YAMLError) -> str:
+    """'YAML error at line L, column C: problem (context at line L2, column C2)', 1-based as editors count, on one
+    line (PyYAML's own text spans several lines with a caret and names the stream '<unicode string>')."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    text = f"YAML error{where}: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context:
+        text += f" ({context}" + (f" at line {context_mark.line + 1}, column {context_mark.column + 1}"
+                                  if context_mark is not None else "") + ")"
+    return text
 
 
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def display_table(run: dict[str, Any], budget_gb: float | None = None):
-    """The summary table with readable units, plus whether each variant fits a memory budget."""
+DASH = "—"  # a figure that does not apply (null in the record), never a blank cell
+SIGNIFICANT = 4
+# How a row over the "fits in N GB" budget looks: grey text on a grey ground, visible at a glance.
+GREYED_CSS = "background-color: #e5e7eb; color: #9ca3af"
+
+
+def format_cell(value: Any, digits: int = SIGNIFICANT) -> str:
+    """One table cell: numbers to `digits` significant digits (no exponent for large ones), DASH for null/NaN/blank."""
+    if value is None:
+        return DASH
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))  # counts (repeats, items) stay exact
+    if isinstance(value, (float, np.floating)):
+        value = float(value)
+        if not math.isfinite(value):
+            return DASH if math.isnan(value) else str(value)
+        if value == 0:
+            return "0"
+        magnitude = math.floor(math.log10(abs(value)))
+        if magnitude >= digits:  # 12345.6 -> "12350", not "1.235e+04"
+            return f"{round(value, digits - 1 - magnitude):.0f}"
+        return f"{value:.{digits}g}"
+    text = str(value)
+    return text if text.strip() else DASH
+
+
+def over_budget(run: dict[str, Any], budget_gb: float | None) -> set[str]:
+    """Names of the variants whose measured peak memory is above the budget (unknown peaks are not greyed)."""
+    if not budget_gb:
+        return set()
+    return {r["name"] for r in run["variants"]
+            if r["metrics"].get("peak_rss_bytes") is not None and r["metrics"]["peak_rss_bytes"] > budget_gb * 1e9}
+
+
+def display_table(run: dict[str, Any], budget_gb: float | None = None) -> pd.DataFrame:
+    """The summary table as text cells: units in the headers, 4 significant digits, DASH where a figure does not
+    apply, and with a budget a "fits N GB" column."""
     from workbench.views.report import summary_table
 
     table = summary_table(run)
     if budget_gb:
         peaks = [r["metrics"].get("peak_rss_bytes") for r in run["variants"]]
-        table.insert(3, f"fits {budget_gb:g} GB", ["—" if p is None else ("yes" if p <= budget_gb * 1e9 else "NO (greyed)")
+        table.insert(3, f"fits {budget_gb:g} GB", [None if p is None else ("yes" if p <= budget_gb * 1e9 else "NO")
                                                    for p in peaks])
-    return table.round(4)
+    return table.astype(object).map(format_cell)
+
+
+def greyed(frame: pd.DataFrame, rows: list[bool]) -> Any:
+    """The frame as a pandas Styler whose `rows` (True: over budget) are greyed; gradio draws the style in the page."""
+    flags = list(rows)
+    return frame.reset_index(drop=True).style.apply(
+        lambda row: [GREYED_CSS if flags[row.name] else "" for _ in row], axis=1)
+
+
+def styled_table(run: dict[str, Any], budget_gb: float | None = None) -> Any:
+    """The Compare tab's results: display_table with the rows over the budget greyed."""
+    over = over_budget(run, budget_gb)
+    return greyed(display_table(run, budget_gb), [r["name"] in over for r in run["variants"]])
+
+
+def charts(run: dict[str, Any] | None, budget_gb: float | None = None) -> dict[str, Any]:
+    """name -> figure for the charts this run has data for (plots.CHART_SPECS), variants over budget greyed."""
+    from workbench.views.plots import CHART_SPECS, grey_over_budget
+
+    if not run or not any(r["status"] == "ok" for r in run["variants"]):
+        return {}
+    over = over_budget(run, budget_gb)
+    built = {name: build(run) for name, (_label, build, has_data) in CHART_SPECS.items() if has_data(run)}
+    return {name: grey_over_budget(figure, over) for name, figure in built.items()}
 
 
 def figures(run: dict[str, Any] | None, budget_gb: float | None = None) -> list[Any]:
-    """One comparison chart per entry of plots.CHARTS (empty ones before a run); variants over budget are greyed in the size chart."""
-    import plotly.graph_objects as go
+    """One update per plots.CHART_SPECS entry (the tabs' gr.Plot list): the chart, shown, where the run has data for
+    it; hidden otherwise, so the page never shows an empty chart box."""
+    import gradio as gr
 
-    from workbench.views.plots import CHARTS
+    from workbench.views.plots import CHART_SPECS
 
-    if not run or not any(r["status"] == "ok" for r in run["variants"]):
-        return [go.Figure() for _ in CHARTS]
-    charts = [build(run) for build in CHARTS.values()]
-    if budget_gb:
-        over = {r["name"] for r in run["variants"] if (r["metrics"].get("peak_rss_bytes") or 0) > budget_gb * 1e9}
-        scatter = charts[0].data[0]
-        scatter.marker.color = ["lightgrey" if label.split(" [")[0] in over else "royalblue" for label in scatter.text]
-    return charts
+    built = charts(run, budget_gb)
+    return [gr.Plot(value=built[name], visible=True) if name in built else gr.Plot(value=None, visible=False)
+            for name in CHART_SPECS]
 
 
 def run_note(run: dict[str, Any] | None) -> str:

@@ -221,14 +221,19 @@ def flips(run: dict[str, Any]):
     return figure
 
 
-# name -> (UI label, builder, whether this run has data for it). The UI shows every chart (empty ones
-# stay empty); the HTML report leaves out charts without data.
+# name -> (UI label, builder, whether this run has data for it). The UI and the HTML report show only the charts
+# a run has data for, so neither shows an empty box.
 CHART_SPECS: dict[str, tuple[str, Any, Any]] = {
-    "size_vs_perplexity": ("Size vs perplexity", size_vs_perplexity, lambda run: True),
-    "memory": ("Memory", memory, lambda run: True),
-    "latency": ("Latency", latency, lambda run: True),
-    "sparsity": ("Sparsity", sparsity_heatmap, lambda run: True),
-    "divergence": ("Divergence", divergence, lambda run: True),
+    "size_vs_perplexity": ("Size vs perplexity", size_vs_perplexity,
+                           lambda run: any(r["metrics"].get("perplexity") is not None and r["metrics"].get("disk_bytes")
+                                           for r in _ok(run))),
+    "memory": ("Memory", memory, lambda run: any(r["metrics"].get("weight_bytes") is not None
+                                                 or r["metrics"].get("peak_rss_bytes") is not None for r in _ok(run))),
+    "latency": ("Latency", latency, lambda run: bool(_ok(run)) and all(r["metrics"].get("ttft_s") is not None
+                                                                     and r["metrics"].get("decode_tok_s") is not None
+                                                                     for r in _ok(run))),
+    "sparsity": ("Sparsity", sparsity_heatmap, lambda run: any(r.get("layers") for r in _ok(run))),
+    "divergence": ("Divergence", divergence, lambda run: any(r["metrics"].get("kld_mean") is not None for r in _ok(run))),
     "downstream": ("Downstream tasks (lm-eval)", downstream_tasks,
                    lambda run: any(m.startswith("lm_eval.") for r in _ok(run) for m in r["metrics"])),
     "sensitivity": ("Per-block sensitivity", sensitivity, lambda run: bool((run.get("sensitivity") or {}).get("rows"))),
@@ -252,3 +257,42 @@ def _has_calibration_groups(run: dict[str, Any]) -> bool:
 def all_figures(run: dict[str, Any]) -> dict[str, Any]:
     """The charts this run has data for (the HTML report's set)."""
     return {name: build(run) for name, (_label, build, has_data) in CHART_SPECS.items() if has_data(run)}
+
+
+GREY = "lightgrey"
+OVER_BUDGET_OPACITY = 0.3
+
+
+def grey_over_budget(figure: Any, over: set[str]) -> Any:
+    """Grey the points and bars of the variants in `over` (peak memory above a "fits in N GB" budget), in place.
+
+    A point belongs to a variant when its x is the variant's name (bar charts) or its text label starts with it
+    (the size chart's "name [honesty]" labels). Traces without such points are left as they are."""
+    for trace in figure.data:
+        if trace.type == "bar" and trace.x is not None:
+            names = [str(x) for x in trace.x]
+        elif trace.type == "scatter" and trace.name == "variants" and trace.text is not None:
+            names = [str(label).split(" [")[0] for label in trace.text]
+        else:
+            continue  # lines, limits and heatmaps have no per-variant points
+        hidden = [name in over for name in names]
+        trace.marker.opacity = [OVER_BUDGET_OPACITY if h else 1.0 for h in hidden]
+        if trace.type == "scatter":  # the size chart's points: grey, not only faint, so they read as "does not fit"
+            trace.marker.color = [GREY if h else "royalblue" for h in hidden]
+    return figure
+
+
+def plan_chart(plans: Sequence[dict[str, Any]], budget_gb: float | None = None):
+    """The planner's estimated weights and peak memory per variant (before a run), with the budget as a line."""
+    import plotly.graph_objects as go
+
+    names = [p["name"] for p in plans]
+    figure = go.Figure([
+        go.Bar(name="est. weights MB", x=names, y=[p["weight_bytes"] / MB for p in plans]),
+        go.Bar(name="est. peak MB", x=names, y=[None if p["peak_bytes"] is None else p["peak_bytes"] / MB for p in plans]),
+    ])
+    if budget_gb:
+        figure.add_hline(y=budget_gb * 1e9 / MB, line_dash="dash", annotation_text=f"fits in {budget_gb:g} GB")
+    figure.update_layout(barmode="group", title="Plan: estimated memory per variant (before anything loads)",
+                         yaxis_title="MB")
+    return figure

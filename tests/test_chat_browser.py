@@ -163,6 +163,8 @@ def test_blind_vote_reveals_both_names_and_tables_the_counts(chat_app) -> None:
         page.get_by_text("Blind A/B").click()
         for round_ in range(2):  # a second blind answer and vote after the first reveal works as the first
             page.get_by_role("button", name="Answer blind with two random variants").click()
+            # The note and the panels change together: once it says "hidden", the panels are this round's.
+            page.wait_for_function("document.querySelector('.vote-note')?.innerText.includes('hidden')", timeout=600_000)
             page.wait_for_function("[...document.querySelectorAll('.blind-answer')].filter(e => /\\d+ tokens(?! so far)/"
                                    ".test(e.innerText) || e.innerText.includes('failed:')).length >= 2", timeout=600_000)
             blind = " ".join(_panel_texts(page, ".blind-answer"))

@@ -208,6 +208,8 @@ def record_vote(choice: str, session: dict, request: Any = None) -> tuple[str, A
     pending = session.get("blind")
     if not pending:
         raise gr.Error("ask a blind question first")
+    if not pending.get("complete", True):  # a vote on half an answer would judge the faster variant
+        raise gr.Error("wait until both answers have ended, then vote")
     history = History()
     a, b = pending["pair"]
     if pending.get("vote_id") is None:
@@ -261,9 +263,13 @@ def build_chat(session: gr.State, current_run: gr.State, app: gr.Blocks | None =
         if not prompt_text or not prompt_text.strip():
             raise gr.Error("the prompt is empty")
         pair = random.sample(names, 2)
-        session_value["blind"] = {"run_id": run_id, "prompt": prompt_text, "pair": pair, "vote_id": None}
+        pending = {"run_id": run_id, "prompt": prompt_text, "pair": pair, "vote_id": None, "complete": False}
+        session_value["blind"] = pending
+        note = "A and B are hidden; vote when both answers have ended, then they are revealed."
         for panels_html in stream_answers(run_id, pair, prompt_text, session_value, request, labels=["A", "B"], blind=True):
-            yield panels_html[:2] + ["A and B are hidden; vote, then they are revealed."]
+            yield panels_html[:2] + [note]
+            note = gr.skip()  # said once: later yields must not overwrite a note written meanwhile
+        pending["complete"] = True
 
     def voter(choice: str):
         def vote(session_value: dict, request: gr.Request):  # the annotation lets gradio pass the request

@@ -7,19 +7,14 @@ an answer lasts long enough to kill its worker half way."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parent.parent
+from tests.app_server import app_server
+
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -56,25 +51,9 @@ def chat_app(tiny_model_dir, workbench_home, tmp_path_factory):
     _store_run(history, RUN_ID, "2099-12-01T12:00:00", model_dir)  # the newest: the one the Chat tab picks
     history.close()
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "WORKBENCH_ALLOWED_DIRS": str(folder), "HF_HUB_OFFLINE": "1",
-           "WORKBENCH_CHAT_MAX_NEW_TOKENS": "2000"}
-    env.pop("WORKBENCH_SHARED", None)
-    log = open(workbench_home / "chat-app-test.log", "w")
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    yield url, server.pid
-    server.terminate()
-    server.wait(timeout=30)
+    with app_server(workbench_home, "chat-app-test", WORKBENCH_ALLOWED_DIRS=str(folder),
+                    WORKBENCH_CHAT_MAX_NEW_TOKENS="2000") as server:
+        yield server.url, server.pid
 
 
 def _chat_workers(server_pid: int) -> list:

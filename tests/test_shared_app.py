@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import re
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from tests.app_server import app_server
 from tests.test_policy import hostile_yaml
 
-ROOT = Path(__file__).parent.parent
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -38,25 +32,8 @@ variants:
 @pytest.fixture(scope="module")
 def shared_url(workbench_home, bundled_source):
     """The app in shared mode; the bundled model is converted beforehand (bundled_source) so a run is short."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {**os.environ, "WORKBENCH_SHARED": "1", "HF_HUB_OFFLINE": "1"}
-    for variable in ("WORKBENCH_ALLOWED_DIRS", "WORKBENCH_MAX_PARAMS", "WORKBENCH_MAX_THREADS"):
-        env.pop(variable, None)
-    log = open(workbench_home / "shared-app-test.log", "w")
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            time.sleep(0.5)
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    with app_server(workbench_home, "shared-app-test", WORKBENCH_SHARED="1") as server:
+        yield server.url
 
 
 def _folders(home: Path) -> set[str]:

@@ -6,17 +6,13 @@ cannot work here), against an app started on the tiny model of tests/conftest.py
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.app_server import app_server
 
 from workbench.running.runner import METRIC_NAMES
 
@@ -203,28 +199,8 @@ def tiny_yaml(model_dir: Path) -> str:
 
 @pytest.fixture(scope="module")
 def app_url(tiny_model_dir, workbench_home):
-    env = {**os.environ, "WORKBENCH_ALLOWED_DIRS": str(tiny_model_dir.parent), "HF_HUB_OFFLINE": "1"}
-    env.pop("WORKBENCH_SHARED", None)
-    # gradio's launch checks that it can reach its own port and gives up ("When localhost is not accessible...")
-    # when a busy 2-core box answers late: a server that exits before it says it is up is started again, up to 3 times.
-    for attempt in range(3):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        log_path = workbench_home / f"app-compare-test-{attempt}.log"
-        with open(log_path, "w") as log:
-            server = subprocess.Popen([sys.executable, "-u", "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                                      stdout=log, stderr=log)
-        url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 300  # a limit on waiting for start-up, not a measurement
-        # gradio prints this line only after its own reachability check passed
-        while time.monotonic() < deadline and server.poll() is None and "To create a public link" not in log_path.read_text():
-            time.sleep(0.5)
-        if server.poll() is None:
-            break
-    yield url
-    server.terminate()
-    server.wait(timeout=30)
+    with app_server(workbench_home, "app-compare-test", WORKBENCH_ALLOWED_DIRS=str(tiny_model_dir.parent)) as server:
+        yield server.url
 
 
 @pytest.fixture()

@@ -49,7 +49,7 @@ def build_history(session: gr.State, current_run: gr.State, app: gr.Blocks | Non
     note = gr.Markdown()
     table = gr.Dataframe(interactive=False)
     files = gr.File(label="Exports", file_count="multiple")
-    plots = [gr.Plot(label=label) for label in CHART_LABELS]
+    plots = [gr.Plot(label=label, visible=False) for label in CHART_LABELS]  # shown by figures() when a run has data
 
     def list_runs(session_value: dict, request: gr.Request):
         frame = visible_runs(session_value, visitor_id(request))

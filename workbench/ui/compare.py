@@ -6,6 +6,7 @@ import queue
 import threading
 import time
 import typing
+from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
@@ -472,9 +473,60 @@ TABLE_CSS = """<style>
 </style>"""
 
 
-def build_compare(session: gr.State, current_run: gr.State) -> None:
-    from workbench.views.plots import CHART_SPECS
+@dataclass
+class _Form:
+    """The Compare tab's input side: the form generated from the methods' options, the YAML editor, the buttons."""
 
+    usable: list[str]
+    fields: list[tuple[str, str, Any]]
+    model: Any
+    threads: Any
+    preset_pick: Any
+    methods: Any
+    inputs: list[Any]
+    from_form: Any
+    yaml_box: Any
+    check: Any
+    save_name: Any
+    save: Any
+    run: Any
+    cancel: Any
+    budget: Any
+    status: Any
+
+    @property
+    def components(self) -> list[Any]:
+        """The form's inputs in the order form_from_preset / preset_with_form use."""
+        return [self.model, self.threads, self.methods, *self.inputs]
+
+
+@dataclass
+class _Outputs:
+    """The Compare tab's result side: plan, progress, results, charts, and the sensitivity suggestion."""
+
+    plan_button: Any
+    plan_box: Any
+    plan_frame: Any
+    plan_plot: Any
+    progress_box: Any
+    progress: Any
+    results_box: Any
+    results: Any
+    plots: list[Any]
+    shown_run: Any  # the run document in the results table, for restyling when the budget changes
+    plan_rows: Any  # the last plan's estimates, likewise
+    suggestion: Any
+    build_this: Any
+
+
+def build_compare(session: gr.State, current_run: gr.State) -> None:
+    form = _build_form()
+    outputs = _build_outputs()
+    _wire_form(form)
+    _wire_run(form, outputs, session, current_run)
+
+
+def _build_form() -> _Form:
     lim = limits()
     usable, broken = _importable_methods()
     fields: list[tuple[str, str, Any]] = [(name, field_name, field) for name in usable
@@ -517,6 +569,13 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
         budget = gr.Number(value=None, label="Fits in N GB (peak memory)",
                            info="variants above it are greyed in the tables and charts, planned or measured")
     status = gr.Markdown()
+    return _Form(usable, fields, model, threads, preset_pick, methods, inputs, from_form, yaml_box, check, save_name,
+                 save, run, cancel, budget, status)
+
+
+def _build_outputs() -> _Outputs:
+    from workbench.views.plots import CHART_SPECS
+
     with gr.Accordion("Plan: estimated weights, peak memory and time, before anything loads", open=True):
         plan_button = gr.Button("Plan this preset")
         plan_box = gr.Markdown(elem_id="plan-box")
@@ -534,19 +593,37 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
         with gr.Row(equal_height=False):
             for label in labels[start_index:start_index + 2]:
                 plots.append(gr.Plot(label=label, visible=False))
-    shown_run = gr.State(None)  # the run document in the results table, for restyling when the budget changes
-    plan_rows = gr.State(None)  # the last plan's estimates, likewise
+    shown_run, plan_rows = gr.State(None), gr.State(None)
     with gr.Accordion("Per-block sensitivity and the suggested mixed-precision variant", open=True):
         suggestion = gr.Markdown()
         build_this = gr.Button("Build this: add the suggested variant to the preset")
+    return _Outputs(plan_button, plan_box, plan_frame, plan_plot, progress_box, progress, results_box, results, plots,
+                    shown_run, plan_rows, suggestion, build_this)
 
-    form = [model, threads, methods, *inputs]
+
+def save_preset(name: str, text: str) -> str:
+    if not name or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+        return "**Cannot save:** give a name of at most 64 letters, digits, '-' or '_'"
+    try:
+        gated_preset(text)  # a saved preset is one this app would run
+    except (WorkbenchError, yaml.YAMLError) as exc:
+        return f"**Cannot save:** {gate_message(exc)}"
+    folder = workbench_home() / "presets"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{name}.yaml").write_text(text)
+    return f"saved {folder / (name + '.yaml')}"
+
+
+def _wire_form(form: _Form) -> None:
+    """One source of truth: picking a preset or typing in the editor sets the form; the form rewrites the editor.
+    `.input` fires on the visitor's own changes only, so one side updating the other never loops back."""
+    usable, fields, components = form.usable, form.fields, form.components
 
     def form_updates(text: str) -> list[Any]:
         """The form as the editor's preset says (skips when the YAML is no preset yet, so typing is not undone)."""
         shown = form_from_preset(text, usable, fields)
         if shown is None:
-            return [gr.skip()] * len(form)
+            return [gr.skip()] * len(components)
         return [shown["model"] or gr.skip(), shown["threads"] if shown["threads"] else gr.skip(), shown["methods"],
                 *shown["values"]]
 
@@ -565,36 +642,33 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
             return [gr.skip(), f"**Not applied:** an option's YAML does not parse ({gate_message(exc)})"]
         return [new, check_markdown(new)]
 
-    def save_preset(name: str, text: str) -> str:
-        if not name or not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
-            return "**Cannot save:** give a name of at most 64 letters, digits, '-' or '_'"
-        try:
-            gated_preset(text)  # a saved preset is one this app would run
-        except (WorkbenchError, yaml.YAMLError) as exc:
-            return f"**Cannot save:** {gate_message(exc)}"
-        folder = workbench_home() / "presets"
-        folder.mkdir(exist_ok=True)
-        (folder / f"{name}.yaml").write_text(text)
-        return f"saved {folder / (name + '.yaml')}"
+    def written_from_form(model_value: str, ticked: list[str], threads_value: float, *values: Any) -> tuple[str, str]:
+        text = preset_from_form(model_value, ticked, threads_value, fields, list(values))
+        return text, check_markdown(text)
 
-    # One source of truth: picking a preset or typing in the editor sets the form; the form rewrites the editor.
-    # `.input` fires on the visitor's own changes only, so one side updating the other never loops back.
-    preset_pick.input(load_preset_text, preset_pick, [yaml_box, check, *form])
-    yaml_box.input(editor_changed, yaml_box, [check, *form], trigger_mode="always_last", show_progress="hidden")
-    for component in form:
-        component.input(form_changed, [yaml_box, *form], [yaml_box, check], trigger_mode="always_last",
+    form.preset_pick.input(load_preset_text, form.preset_pick, [form.yaml_box, form.check, *components])
+    form.yaml_box.input(editor_changed, form.yaml_box, [form.check, *components], trigger_mode="always_last",
                         show_progress="hidden")
-    from_form.click(lambda m, ms, t, *v: (lambda text: (text, check_markdown(text)))(
-        preset_from_form(m, ms, t, fields, list(v))), [model, methods, threads, *inputs], [yaml_box, check])
-    save.click(save_preset, [save_name, yaml_box], status, api_name="save_preset")
+    for component in components:
+        component.input(form_changed, [form.yaml_box, *components], [form.yaml_box, form.check],
+                        trigger_mode="always_last", show_progress="hidden")
+    form.from_form.click(written_from_form, [form.model, form.methods, form.threads, *form.inputs],
+                         [form.yaml_box, form.check])
+    form.save.click(save_preset, [form.save_name, form.yaml_box], form.status, api_name="save_preset")
+
+
+def _wire_run(form: _Form, out: _Outputs, session: gr.State, current_run: gr.State) -> None:
+    """Run, cancel, plan, the budget's live greying, and the sensitivity suggestion of the run on the page."""
     # Many calls may wait at once: the run queue (runqueue.py) orders them and shows each its place.
-    run.click(run_preset, [yaml_box, budget, session],
-              [status, progress, results, *plots, current_run, shown_run, progress_box, results_box],
-              api_name="run_preset", concurrency_limit=None)
-    cancel.click(cancel_run, session, status)
-    plan_button.click(plan_outputs, [yaml_box, budget], [plan_box, plan_frame, plan_plot, plan_rows], api_name="plan_preset")
-    budget.change(restyle_for_budget, [budget, shown_run, plan_rows], [results, *plots, plan_frame, plan_plot],
-                  show_progress="hidden")
+    form.run.click(run_preset, [form.yaml_box, form.budget, session],
+                   [form.status, out.progress, out.results, *out.plots, current_run, out.shown_run, out.progress_box,
+                    out.results_box],
+                   api_name="run_preset", concurrency_limit=None)
+    form.cancel.click(cancel_run, session, form.status)
+    out.plan_button.click(plan_outputs, [form.yaml_box, form.budget], [out.plan_box, out.plan_frame, out.plan_plot,
+                                                                       out.plan_rows], api_name="plan_preset")
+    form.budget.change(restyle_for_budget, [form.budget, out.shown_run, out.plan_rows],
+                       [out.results, *out.plots, out.plan_frame, out.plan_plot], show_progress="hidden")
 
     def current(run_id: str | None, session_value: dict, request: gr.Request | None) -> dict | None:
         from workbench.ui.history import load_owned_run
@@ -608,5 +682,6 @@ def build_compare(session: gr.State, current_run: gr.State) -> None:
         return add_suggested_variant(text, current(run_id, session_value, request))
 
     # The run on the page (just run here, or opened in History) shows its suggestion; one click adds it to the editor.
-    current_run.change(show_suggestion, [current_run, session], suggestion)
-    build_this.click(build_suggested, [yaml_box, current_run, session], [yaml_box, status], api_name="build_suggested")
+    current_run.change(show_suggestion, [current_run, session], out.suggestion)
+    out.build_this.click(build_suggested, [form.yaml_box, current_run, session], [form.yaml_box, form.status],
+                         api_name="build_suggested")

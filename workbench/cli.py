@@ -167,7 +167,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from workbench.views.report import budget_verdict, format_table, protocol_summary, sensitivity_text
     from workbench.running.runner import Runner
 
     address = args.ray if args.ray is not None else preset.ray
@@ -196,34 +195,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             from workbench.running.scaleout import shutdown
 
             shutdown()
-    if result["model"].get("note"):
-        print(f"note: {result['model']['note']}")
-    print(format_table(result))
-    from workbench.data.validity import flags_text
-
-    if flags_text(result):
-        print(flags_text(result))
-    if budget_verdict(result):
-        print(budget_verdict(result))
-    print(protocol_summary(result))
-    from workbench.views.report import speed_note
-
-    if speed_note(result):
-        print(speed_note(result))
-    from workbench.planning.planner import estimate_vs_actual
-    from workbench.planning.roofline import roofline_text
-
-    for text in (roofline_text(result), estimate_vs_actual(result)):
-        if text:
-            print(text)
-    if result.get("sensitivity"):
-        print(sensitivity_text(result["sensitivity"]))
-    from workbench.analysis.robustness import calibration_groups, robustness_text
-
-    if calibration_groups(result):
-        print(robustness_text(calibration_groups(result)))
+    print(run_report_text(result))
     print(f"run {result['run_id']}: results in {runner.out_dir / 'results.json'}")
     return 0 if result["status"] == "ok" else 1
+
+
+def run_report_text(result: dict) -> str:
+    """What `run` prints after the progress lines: the table, then every note on how to read it."""
+    from workbench.analysis.robustness import calibration_groups, robustness_text
+    from workbench.data.validity import flags_text
+    from workbench.planning.planner import estimate_vs_actual
+    from workbench.planning.roofline import roofline_text
+    from workbench.views.report import budget_verdict, format_table, protocol_summary, sensitivity_text, speed_note
+
+    groups = calibration_groups(result)
+    parts = [f"note: {result['model']['note']}" if result["model"].get("note") else None, format_table(result),
+             flags_text(result), budget_verdict(result), protocol_summary(result), speed_note(result),
+             roofline_text(result), estimate_vs_actual(result),
+             sensitivity_text(result["sensitivity"]) if result.get("sensitivity") else None,
+             robustness_text(groups) if groups else None]
+    return "\n".join(part for part in parts if part)
 
 
 def _ray_executor(address: str | None, presets: list, retries: int):

@@ -118,10 +118,29 @@ class Runner:
         )
 
     def run(self) -> dict[str, Any]:
-        preset = self.preset
         (self.out_dir / "logs").mkdir(parents=True, exist_ok=True)
         tokens_path = self.out_dir / "eval_tokens.json"
         self._check_before_preparing()
+        prep = self._prepare(tokens_path)
+        run = self._run_document(prep)
+        estimates = self._plan(prep, run)
+        history = self.history or History()
+        history.start_run(run, self.out_dir, visitor=self.visitor)
+        keys, stored = self._stored_measurements(prep, tokens_path)
+        reference = self.out_dir / "baseline_logprobs.npy"
+        records = self._measure_variants(run, prep, estimates, stored, reference, history)
+        self._after_variants(run, records, prep, history)
+        self._store_measurements(records, keys)
+        # 16-bit log-probs of every scored token: large, and derivable; with their per-token side file
+        # (metrics/quality.py per_token_path). baseline_items.json stays: small, and the flips' evidence.
+        for path in (reference, reference.with_name(reference.name + ".per_token.npz")):
+            path.unlink(missing_ok=True)
+        self._finish(run, history)
+        return run
+
+    def _prepare(self, tokens_path: Path) -> dict:
+        """Resolve the source and tokenize the eval text, in a worker (workbench.running.worker.prepare_source)."""
+        preset = self.preset
         self._emit(None, "preparing", f"resolving {preset.model}")
         prepared = self._worker(
             "workbench.running.worker:prepare_source",
@@ -131,15 +150,13 @@ class Runner:
         )
         if not prepared.ok:
             raise WorkbenchError(prepared.error or "preparing the model failed")
-        prep = prepared.result
-        run = self._run_document(prep)
-        estimates = self._plan(prep, run)
-        history = self.history or History()
-        history.start_run(run, self.out_dir, visitor=self.visitor)
+        return prepared.result
 
+    def _measure_variants(self, run: dict, prep: dict, estimates: dict[str, dict], stored: dict[str, dict],
+                          reference: Path, history: History) -> dict[int, dict]:
+        """Every variant, the baseline first, each stored and written to results.json as soon as it ends."""
+        preset = self.preset
         order = sorted(range(len(preset.variants)), key=lambda i: preset.variants[i].name != preset.baseline)
-        reference = self.out_dir / "baseline_logprobs.npy"
-        keys, stored = self._stored_measurements(prep, tokens_path)
         baseline_ok = False
         records: dict[int, dict] = {}
         for step, position in enumerate(order):
@@ -160,7 +177,10 @@ class Runner:
             run["variants"] = [records[i] for i in sorted(records)]
             self._write_results(run)
             self._emit(spec.name, record["status"], record["error"] or figures_line(record), step)
+        return records
 
+    def _after_variants(self, run: dict, records: dict[int, dict], prep: dict, history: History) -> None:
+        """The interleaved speed pass (unless every figure was reused) and the per-block sensitivity."""
         all_reused = bool(records) and all(r.get("reused", {}).get("figures") == "quality and speed" for r in records.values())
         if all_reused:
             run["protocol"]["interleave"] = "every figure reused (--reuse-speed), the interleaved ratios included"
@@ -171,13 +191,11 @@ class Runner:
                 for position, record in records.items():
                     history.save_variant(self.run_id, position, record)
                 self._write_results(run)
-        self._store_measurements(records, keys)
-        if preset.sensitivity and not self._cancel.is_set():
+        if self.preset.sensitivity and not self._cancel.is_set():
             run["sensitivity"] = self._sensitivity(records, prep)
-        # 16-bit log-probs of every scored token: large, and derivable; with their per-token side file
-        # (metrics/quality.py per_token_path). baseline_items.json stays: small, and the flips' evidence.
-        for path in (reference, reference.with_name(reference.name + ".per_token.npz")):
-            path.unlink(missing_ok=True)
+
+    def _finish(self, run: dict, history: History) -> None:
+        """The run's status, results.json, the HTML report and the history entry."""
         statuses = {r["status"] for r in run["variants"]}
         run["status"] = "cancelled" if "cancelled" in statuses else ("ok" if statuses == {"ok"} else "failed")
         run["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -189,7 +207,6 @@ class Runner:
         if self.history is None:
             history.close()
         self._emit(None, "done", f"run {self.run_id}: {run['status']}")
-        return run
 
     def _stored_measurements(self, prep: dict, tokens_path: Path) -> tuple[dict[str, str], dict[str, dict]]:
         """Each variant's measurement key, and the stored entries this run may reuse (measure_cache.py)."""

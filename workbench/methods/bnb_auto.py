@@ -210,10 +210,8 @@ class BnbAuto(Method):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from workbench.environment import library_versions
         from workbench.analysis.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
         from workbench.runtimes.torch import state_bytes
-        from workbench.analysis.sensitivity import sensitivity_cache
 
         assert isinstance(options, BnbAutoOptions)
         require_bitsandbytes()
@@ -242,25 +240,10 @@ class BnbAuto(Method):
                     "nothing needs quantizing, so every block is kept float (the same weights as the unquantized input)")
             ctx.emit(note)
 
-        # A local model folder can be rewritten in place: its weight files' sizes and times are part of the key.
-        files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(input_dir).glob("*.safetensors"))]
-        material = {"input": str(input_dir), "files": files, "quant": options.quant,
-                    "double_quant": options.double_quant if options.quant != "int8" else None,
-                    "sensitivity": options.sensitivity.model_dump(), "device": ctx.device, "versions": library_versions()}
-        cache = sensitivity_cache("bnb-auto", material)
         started = time.perf_counter()
-        if cache.is_file():  # same input, quantization and tokens: the same table
-            ctx.emit("per-block sensitivities from the cache")
-            klds = {int(k): v for k, v in json.loads(cache.read_text())["kld"].items()}
+        klds, cached = _block_sensitivities(input_dir, options, quantized, ctx)
+        if cached:
             timings["sensitivity_cached"] = True
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code)
-            sequences = calibration_sequences(tokenizer, options.sensitivity)
-            reference = AutoModelForCausalLM.from_pretrained(input_dir, dtype=torch.float32,
-                                                             trust_remote_code=ctx.trust_remote_code).eval()
-            klds = measure_blocks(reference, quantized, sequences, ctx.emit)
-            cache.write_text(json.dumps({"material": material, "kld": klds}))
-            del reference
         timings["sensitivity_s"] = time.perf_counter() - started
         del quantized
 
@@ -296,6 +279,34 @@ class BnbAuto(Method):
             "note": note, "timings": timings,
         }
         (out_dir / "stage_report.json").write_text(json.dumps({"bnb": {"auto": auto}}))
+
+
+def _block_sensitivities(input_dir: Path, options: BnbAutoOptions, quantized: Any,
+                         ctx: BuildContext) -> tuple[dict[int, float], bool]:
+    """({block index: KLD when only that block is quantized}, whether the table came from the cache). The same
+    input, quantization and calibration tokens give the same table, so it is cached under those."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.analysis.sensitivity import sensitivity_cache
+    from workbench.environment import library_versions
+
+    # A local model folder can be rewritten in place: its weight files' sizes and times are part of the key.
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(Path(input_dir).glob("*.safetensors"))]
+    material = {"input": str(input_dir), "files": files, "quant": options.quant,
+                "double_quant": options.double_quant if options.quant != "int8" else None,
+                "sensitivity": options.sensitivity.model_dump(), "device": ctx.device, "versions": library_versions()}
+    cache = sensitivity_cache("bnb-auto", material)
+    if cache.is_file():
+        ctx.emit("per-block sensitivities from the cache")
+        return {int(k): v for k, v in json.loads(cache.read_text())["kld"].items()}, True
+    tokenizer = AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code)
+    sequences = calibration_sequences(tokenizer, options.sensitivity)
+    reference = AutoModelForCausalLM.from_pretrained(input_dir, dtype=torch.float32,
+                                                     trust_remote_code=ctx.trust_remote_code).eval()
+    klds = measure_blocks(reference, quantized, sequences, ctx.emit)
+    cache.write_text(json.dumps({"material": material, "kld": klds}))
+    return klds, False
 
 
 def float_skeleton(input_dir: Path, ctx: BuildContext) -> Any:

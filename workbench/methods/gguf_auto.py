@@ -190,10 +190,6 @@ class GGUFAuto(Method):
     produces = "gguf"
 
     def build(self, input_dir: Path, out_dir: Path, options: MethodOptions, ctx: BuildContext) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from workbench.environment import library_versions
         from workbench.analysis.imatrix import gguf_tensor_names
 
         assert isinstance(options, GGUFAutoOptions)
@@ -224,13 +220,7 @@ class GGUFAuto(Method):
             timings["imatrix_s"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        candidate_files = {}
-        for type_name in options.candidates:
-            ctx.emit(f"quantizing every matrix to {type_name}")
-            path = out_dir / f"candidate-{type_name}.gguf"
-            quantize_gguf(converted, path, CARRIER_FTYPE, ctx.threads, True, imatrix=matrix,
-                          overrides={r"\.weight$": type_name})
-            candidate_files[type_name] = path
+        candidate_files = _quantize_candidates(converted, out_dir, options.candidates, matrix, ctx)
         timings["candidates_s"] = time.perf_counter() - started
         # The smallest file the candidates allow is known now: refuse an impossible budget before measuring.
         stored = {t: read_tensors(p) for t, p in candidate_files.items()}
@@ -244,28 +234,11 @@ class GGUFAuto(Method):
                 path.unlink()
             raise
 
-        material = {"input": str(input_dir), "candidates": options.candidates,
-                    "imatrix": extra.get("imatrix", {}).get("hash"), "sensitivity": options.sensitivity.model_dump(),
-                    "versions": library_versions()}
-        cache = sensitivity_cache("gguf-auto", material)
         started = time.perf_counter()
-        if cache.is_file():  # same input, candidates, matrix and tokens: the table is the same
-            ctx.emit("per-block sensitivities from the cache")
-            raw = json.loads(cache.read_text())
-            table = {unit: [Option(**o) for o in options_] for unit, options_ in raw["table"].items()}
+        table, cached = _sensitivity_table(input_dir, options, extra.get("imatrix", {}).get("hash"), base, arch,
+                                           candidate_files, units, ctx)
+        if cached:
             timings["sensitivity_cached"] = True
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code)
-            sequences = calibration_sequences(tokenizer, options.sensitivity)
-            model = AutoModelForCausalLM.from_pretrained(input_dir, dtype=torch.float32,
-                                                         trust_remote_code=ctx.trust_remote_code)
-            model.eval()
-            slots = TorchSlots(model, base, arch)
-            probe = KLDProbe(model, sequences)
-            table = measure_table(slots, probe, candidate_files, units, ctx.emit)
-            cache.write_text(json.dumps({"material": material,
-                                         "table": {u: [o.__dict__ for o in opts] for u, opts in table.items()}}))
-            del model, slots, probe
         timings["sensitivity_s"] = time.perf_counter() - started
 
         chosen = optimal(table, budget, fixed)
@@ -325,3 +298,42 @@ class GGUFAuto(Method):
         return (convert_and_quantize_s(shape, speed) + imatrix_s(options.imatrix, shape, speed)
                 + n_candidates * quantize_pass_s(shape, speed)
                 + n_candidates * units * (speed.forward_s(tokens, shape.params()) + shape.params() * 2e-9))
+
+
+def _quantize_candidates(converted: Path, out_dir: Path, candidates: list[str], matrix: Any,
+                         ctx: BuildContext) -> dict[str, Path]:
+    """Every matrix quantized to each candidate type, one file per type: the blocks the sensitivities swap in."""
+    files = {}
+    for type_name in candidates:
+        ctx.emit(f"quantizing every matrix to {type_name}")
+        path = out_dir / f"candidate-{type_name}.gguf"
+        quantize_gguf(converted, path, CARRIER_FTYPE, ctx.threads, True, imatrix=matrix,
+                      overrides={r"\.weight$": type_name})
+        files[type_name] = path
+    return files
+
+
+def _sensitivity_table(input_dir: Path, options: GGUFAutoOptions, imatrix_hash: str | None, base: dict, arch: str,
+                       candidate_files: dict[str, Path], units: dict[str, list[str]],
+                       ctx: BuildContext) -> tuple[dict[str, list[Option]], bool]:
+    """(per-unit options with their measured KLD, whether the table came from the cache). The same input,
+    candidates, matrix and calibration tokens give the same table, so it is cached under those."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.environment import library_versions
+
+    material = {"input": str(input_dir), "candidates": options.candidates, "imatrix": imatrix_hash,
+                "sensitivity": options.sensitivity.model_dump(), "versions": library_versions()}
+    cache = sensitivity_cache("gguf-auto", material)
+    if cache.is_file():
+        ctx.emit("per-block sensitivities from the cache")
+        raw = json.loads(cache.read_text())
+        return {unit: [Option(**o) for o in options_] for unit, options_ in raw["table"].items()}, True
+    tokenizer = AutoTokenizer.from_pretrained(input_dir, trust_remote_code=ctx.trust_remote_code)
+    sequences = calibration_sequences(tokenizer, options.sensitivity)
+    model = AutoModelForCausalLM.from_pretrained(input_dir, dtype=torch.float32, trust_remote_code=ctx.trust_remote_code)
+    model.eval()
+    table = measure_table(TorchSlots(model, base, arch), KLDProbe(model, sequences), candidate_files, units, ctx.emit)
+    cache.write_text(json.dumps({"material": material, "table": {u: [o.__dict__ for o in opts] for u, opts in table.items()}}))
+    return table, False

@@ -9,20 +9,16 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
+from tests.app_server import app_server, chromium  # noqa: E402  (after the path insert; chromium is re-exported)
 BENCH_HOME = Path(os.environ.get("SQUEEZE_BENCH_HOME") or Path.home() / ".cache" / "squeeze-bench-bench")
 
 # The bundled model, a short protocol: the fp32 baseline, Q4_K_M made by llama.cpp, and the Q4_1 file as shipped.
@@ -81,53 +77,12 @@ def ensure_run(preset_yaml: str, rerun: bool = False) -> str:
     return run_id
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @contextlib.contextmanager
-def serving_app(timeout_s: float = 120) -> Iterator[str]:
-    """`python app.py` on a free localhost port in its own process, with the bench home; yields its URL."""
-    port = free_port()
-    log = open(BENCH_HOME / "app-bench.log", "w")
-    server = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=dict(os.environ),
-                              stdout=log, stderr=log)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                urllib.request.urlopen(url, timeout=2).read()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit(f"the app did not start; see {log.name}")
-                time.sleep(0.3)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
-
-
-@contextlib.contextmanager
-def chromium() -> Iterator[object]:
-    """Debian's Chromium driven by Playwright (Playwright's own browser download is not needed)."""
-    from playwright.sync_api import sync_playwright
-
-    if not Path(CHROMIUM).exists():
-        raise SystemExit(f"{CHROMIUM} is missing: apt-get install -y chromium")
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield browser
-        finally:
-            browser.close()
+def serving_app() -> Iterator[str]:
+    """`python app.py` on a free localhost port in its own process, with the bench home; yields its URL (the tests'
+    own starter, tests/app_server.py, so the benchmarks start the app exactly as the browser tests do)."""
+    with app_server(BENCH_HOME, "app-bench") as server:
+        yield server.url
 
 
 def machine() -> str:

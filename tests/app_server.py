@@ -1,4 +1,5 @@
-"""Start `python app.py` on a free port for a browser or API test, and stop it afterwards."""
+"""For browser and API tests: start `python app.py` on a free port (and stop it afterwards), and open Debian's
+Chromium through Playwright (Playwright's own browser download cannot work on these machines)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
 # Variables of the machine's own environment that would change the app's mode or limits under a test.
 MODE_VARIABLES = ("WORKBENCH_SHARED", "WORKBENCH_ALLOWED_DIRS", "WORKBENCH_MAX_PARAMS", "WORKBENCH_MAX_THREADS")
 
@@ -53,3 +58,28 @@ def app_server(log_dir: Path, name: str, **env: str) -> Iterator[AppServer]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@contextmanager
+def chromium() -> Iterator[Any]:
+    """A headless Chromium (a Playwright Browser), closed afterwards. Without /usr/bin/chromium this fails, never
+    skips: the browser tests must run wherever the suite runs (.ci/run installs it)."""
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def watched_page(browser: Any, errors: list[str], width: int = 1400, height: int = 1800, console: bool = False) -> Any:
+    """A page in its own context (its own cookies, so its own gradio session) whose script errors land in `errors`;
+    with `console`, the console's error messages too."""
+    page = browser.new_context(viewport={"width": width, "height": height}).new_page()
+    if console:
+        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    return page

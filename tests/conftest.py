@@ -133,17 +133,16 @@ def bundled_source(tmp_path_factory: pytest.TempPathFactory):
     return source
 
 
-@pytest.fixture(scope="session")
-def tiny_smol_dir(tmp_path_factory: pytest.TempPathFactory, bundled_source) -> Path:
-    """A tiny random Llama with SmolLM2's real tokenizer, which llama.cpp's converter recognises."""
+def smol_tokenizer_llama(folder: Path, tokenizer_dir: Path, hidden: int, intermediate: int) -> Path:
+    """A 2-layer random Llama of the given widths with SmolLM2's real tokenizer (which llama.cpp's converter
+    recognises), saved in `folder`."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-smol")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_source.hf_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # sharper than random init's near-uniform outputs, so differences are visible
@@ -151,6 +150,12 @@ def tiny_smol_dir(tmp_path_factory: pytest.TempPathFactory, bundled_source) -> P
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_smol_dir(tmp_path_factory: pytest.TempPathFactory, bundled_source) -> Path:
+    """A tiny random Llama (64 wide) with SmolLM2's real tokenizer."""
+    return smol_tokenizer_llama(tmp_path_factory.mktemp("tiny-smol"), bundled_source.hf_dir, 64, 128)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -13,16 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_server import app_server
+from tests.app_server import app_server, chromium, watched_page
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 RUN_ID = "20261201-120000-c4a7"
 OLD_RUN_ID = "20261130-120000-dead"
 NAMES = ["alpha-variant", "beta-variant"]
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
 
 
 def _store_run(history, run_id: str, created_at: str, model_dir: Path) -> None:
@@ -77,14 +73,10 @@ def _panel_texts(page, selector: str = ".chat-answer") -> list[str]:
 
 
 def test_killed_worker_shows_its_reason_and_the_next_prompt_works_everywhere(chat_app) -> None:
-    from playwright.sync_api import sync_playwright
-
     url, server_pid = chat_app
     errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.on("pageerror", lambda error: errors.append(str(error)))
+    with chromium() as browser:
+        page = watched_page(browser, errors, 1400, 1800)
         _open_chat(page, url)
         page.get_by_label("Prompt").fill("What is a Python list?")
         page.get_by_role("button", name="Send to all").click()
@@ -112,7 +104,6 @@ def test_killed_worker_shows_its_reason_and_the_next_prompt_works_everywhere(cha
         speeds = [re.search(r"[\d.]+ tok/s", t).group(0) for t in second]
         page.wait_for_timeout(1500)  # the figures are final once the answer ends: later updates do not move them
         assert [re.search(r"[\d.]+ tok/s", t).group(0) for t in _panel_texts(page) if t.strip()] == speeds
-        browser.close()
     assert errors == []
 
 
@@ -129,14 +120,10 @@ def _vote_rows(page, votes: int) -> list[list[str]]:
 
 
 def test_blind_vote_reveals_both_names_and_tables_the_counts(chat_app) -> None:
-    from playwright.sync_api import sync_playwright
-
     url, _ = chat_app
     errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 2200})
-        page.on("pageerror", lambda error: errors.append(str(error)))
+    with chromium() as browser:
+        page = watched_page(browser, errors, 1400, 2200)
         _open_chat(page, url)
         page.get_by_label("Prompt").fill("Say hello.")
         page.get_by_text("Blind A/B").click()
@@ -167,19 +154,16 @@ def test_blind_vote_reveals_both_names_and_tables_the_counts(chat_app) -> None:
         page.get_by_role("button", name="Tie").click()  # a second vote on the same answer replaces it
         page.wait_for_function("document.querySelector('.vote-note')?.innerText.includes('Changed your vote')",
                                timeout=60_000)
-        browser.close()
     assert errors == []
 
 
 def test_history_is_listed_on_load_and_the_delete_tick_resets(chat_app) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     url, _ = chat_app
     errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.on("pageerror", lambda error: errors.append(str(error)))
+    with chromium() as browser:
+        page = watched_page(browser, errors, 1400, 1800)
         page.goto(url)
         page.get_by_role("tab", name="History").click()
         page.wait_for_function(f"document.body.innerText.includes('{OLD_RUN_ID}')", timeout=60_000)  # no Refresh
@@ -191,5 +175,4 @@ def test_history_is_listed_on_load_and_the_delete_tick_resets(chat_app) -> None:
         page.get_by_role("button", name="Delete", exact=True).click()
         page.wait_for_function(f"document.body.innerText.includes('deleted run {OLD_RUN_ID}')", timeout=60_000)
         expect(tick).not_to_be_checked(timeout=30_000)
-        browser.close()
     assert errors == []

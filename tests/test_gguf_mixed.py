@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import smol_tokenizer_llama
+
 from workbench.errors import WorkbenchError
 from workbench.methods.base import BuildContext
 from workbench.analysis.mixed_precision import BudgetError, Option, greedy, optimal, total_bytes, total_kld
@@ -219,21 +221,7 @@ def test_imatrix_values_equal_a_plain_recomputation(tiny_smol_dir) -> None:
 @pytest.fixture(scope="module")
 def wide_smol_dir(tmp_path_factory, bundled_source) -> Path:
     """A 2-layer Llama 256 wide (K-quant and I-quant blocks fit every row) with SmolLM2's tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("wide-smol")
-    tokenizer = AutoTokenizer.from_pretrained(bundled_source.hf_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(20)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return smol_tokenizer_llama(tmp_path_factory.mktemp("wide-smol"), bundled_source.hf_dir, 256, 512)
 
 
 @pytest.fixture(scope="module")

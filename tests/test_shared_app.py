@@ -7,12 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_server import app_server
+from tests.app_server import app_server, chromium, watched_page
 from tests.test_policy import hostile_yaml
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{4}")
 # One fixed timed repeat (target_ci: null): the test is about who sees the run, not its speed, and the adaptive
 # default would time the variant for up to a minute.
@@ -59,19 +56,14 @@ def test_hostile_presets_are_refused_by_run_plan_and_save(shared_url, workbench_
     assert not (workbench_home / "presets").exists() or not list((workbench_home / "presets").glob("hostile-*.yaml"))
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_visitor_b_sees_none_of_visitor_a_runs(shared_url) -> None:
     """A runs a preset in the browser; B (another browser) and C (gradio_client) cannot list, open, chat with,
     export or delete it, even by its id."""
     from gradio_client import Client
     from gradio_client.exceptions import AppError
-    from playwright.sync_api import sync_playwright
-
     errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        alice = browser.new_context(viewport={"width": 1400, "height": 1800}).new_page()
-        alice.on("pageerror", lambda error: errors.append(str(error)))
+    with chromium() as browser:
+        alice = watched_page(browser, errors)
         alice.goto(shared_url)
         alice.locator(".cm-content").click()
         alice.keyboard.press("Control+A")
@@ -83,8 +75,7 @@ def test_visitor_b_sees_none_of_visitor_a_runs(shared_url) -> None:
         alice.get_by_role("button", name="Refresh").click()
         alice.locator(f"text={run_id} >> visible=true").first.wait_for(timeout=30_000)  # A sees their own run
 
-        bob = browser.new_context(viewport={"width": 1400, "height": 1800}).new_page()
-        bob.on("pageerror", lambda error: errors.append(str(error)))
+        bob = watched_page(browser, errors)
         bob.goto(shared_url)
         bob.get_by_role("tab", name="Chat").click()
         bob.get_by_role("button", name="Refresh runs").click()
@@ -104,7 +95,6 @@ def test_visitor_b_sees_none_of_visitor_a_runs(shared_url) -> None:
         bob.get_by_role("button", name="Open", exact=True).click()
         bob.locator(f"text=no run '{run_id}' here >> visible=true").first.wait_for(timeout=30_000)
         assert bob.locator(".js-plotly-plot:visible").count() == 0  # nothing of A's run was drawn
-        browser.close()
     assert errors == []
 
     carol = Client(shared_url, verbose=False)

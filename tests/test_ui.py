@@ -7,13 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_server import app_server
+from tests.app_server import app_server, chromium, watched_page
 
 from workbench.errors import WorkbenchError
 
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def tiny_yaml(model_dir: Path, name: str = "ui-tiny") -> str:
@@ -104,17 +101,11 @@ def test_model_size_cap_is_checked_from_the_config(monkeypatch, tiny_model_dir) 
     check_model_size(preset, limits())
 
 
-@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_browser_compare_chat_history(app_url, tiny_model_dir, tmp_path) -> None:
-    from playwright.sync_api import sync_playwright
-
     shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS", tmp_path))
     errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1800})
-        page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
-        page.on("pageerror", lambda error: errors.append(str(error)))
+    with chromium() as browser:
+        page = watched_page(browser, errors, console=True)
         page.goto(app_url)
         page.get_by_label("Model").first.fill(str(tiny_model_dir))
         page.get_by_role("button", name="Write preset from the form").click()
@@ -146,7 +137,6 @@ def test_browser_compare_chat_history(app_url, tiny_model_dir, tmp_path) -> None
         page.get_by_role("button", name="Open", exact=True).click()
         page.locator(".js-plotly-plot:visible").first.wait_for()
         page.screenshot(path=str(shots / "history.png"), full_page=True)
-        browser.close()
     assert errors == []
 
 

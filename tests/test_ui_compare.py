@@ -12,14 +12,11 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.app_server import app_server
+from tests.app_server import app_server, chromium, watched_page
 
 from workbench.running.runner import METRIC_NAMES
 
 ROOT = Path(__file__).parent.parent
-CHROMIUM = "/usr/bin/chromium"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def record(name: str, status: str = "ok", **metrics: Any) -> dict[str, Any]:
@@ -205,17 +202,12 @@ def app_url(tiny_model_dir, workbench_home):
 
 @pytest.fixture()
 def page(app_url):
-    from playwright.sync_api import sync_playwright
-
     errors: list[str] = []
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        tab = browser.new_page(viewport={"width": 1200, "height": 1600})
-        tab.on("pageerror", lambda error: errors.append(str(error)))
+    with chromium() as browser:
+        tab = watched_page(browser, errors, 1200, 1600)
         tab.goto(app_url)
         tab.get_by_role("button", name="Run", exact=True).wait_for()
         yield tab
-        browser.close()
     assert errors == []
 
 

@@ -3,11 +3,12 @@ series of known spread, adaptive repeats on a fake clock, contention arithmetic,
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
 import time
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import pytest
@@ -113,8 +114,11 @@ class FakeMachine:
     def probe(self) -> CpuSample:
         return CpuSample(machine_busy_s=self.now * (1 + self.other), process_ticks_s=self.now, process_cpu_s=self.now)
 
-    def model(self, rates: Iterator[float], ttft_s: float = 0.1):
+    def model(self, rates: Iterator[float], ttft_s: float = 0.1, on_call: Callable[[], None] = lambda: None):
+        """A generate() whose first token costs ttft_s and every later one 1 / rate of the fake clock, the rate
+        drawn from `rates` once per call; `on_call` sees every call."""
         def generate(ids: Sequence[int], n: int) -> Iterator[int]:
+            on_call()
             rate = next(rates)
             self.now += ttft_s
             yield 1
@@ -266,14 +270,7 @@ def test_interleaved_pass_times_round_robin() -> None:
     machine, calls = FakeMachine(), []
 
     def model(name: str, rate: float):
-        def generate(ids: Sequence[int], n: int) -> Iterator[int]:
-            calls.append(name)
-            machine.now += 0.1
-            yield 1
-            for _ in range(n - 1):
-                machine.now += 1 / rate
-                yield 1
-        return generate
+        return machine.model(itertools.repeat(rate), on_call=lambda: calls.append(name))
 
     generates = {"base": model("base", 50.0), "a": model("a", 100.0), "b": model("b", 200.0)}
     result = interleaved_latency(generates, "base", list(range(32)), NEW_TOKENS, warmup=1, repeats=4, target_ci=None,
@@ -316,14 +313,7 @@ def test_interleaved_ratio_interval_is_the_order_statistics_of_the_round_ratios(
     streams = {"base": iter(base_rates), "q": iter(q_rates)}
 
     def model(name: str):
-        def generate(ids: Sequence[int], n: int) -> Iterator[int]:
-            rate = next(streams[name])
-            machine.now += 0.1
-            yield 1
-            for _ in range(n - 1):
-                machine.now += 1 / rate
-                yield 1
-        return generate
+        return machine.model(streams[name])
 
     result = interleaved_latency({"base": model("base"), "q": model("q")}, "base", list(range(32)), NEW_TOKENS,
                                  warmup=0, repeats=11, target_ci=None, clock=machine.clock, probe=machine.probe)

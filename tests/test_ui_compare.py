@@ -284,7 +284,9 @@ def test_fits_in_n_gb_greys_plan_rows_live(page, tiny_model_dir) -> None:
     budget.press("Tab")
     page.wait_for_function("document.querySelectorAll('#plan-table .virtual-row [style*=\"background-color\"]').length == 0")
     assert greyed() == [False, False]
-    assert page.locator(".js-plotly-plot:visible").count() == 1  # the plan chart, now that there is a plan
+    # The plan chart, now that there is a plan: the budget change re-renders it, so wait for it to be drawn again.
+    page.locator(".js-plotly-plot").first.wait_for(state="visible")
+    assert page.locator(".js-plotly-plot:visible").count() == 1
 
 
 def test_a_yaml_error_shows_line_and_column_in_full(page) -> None:

@@ -248,7 +248,8 @@ def run_preset(yaml_text: str, budget_gb: float | None, session: dict, request: 
             yield ["cancelled while waiting in the queue; nothing ran", None] + empty + hide_progress
             return
         events: queue.Queue = queue.Queue()
-        runner = Runner(preset, on_event=events.put, visitor=visitor_id(request))
+        # Shared mode measures every run afresh: a reused record would name another visitor's run.
+        runner = Runner(preset, on_event=events.put, visitor=visitor_id(request), reuse_measurements=not limits().shared)
         session["runner"] = runner
         yield from _run_and_stream(runner, preset, events, budget_gb, session, empty)
     except GeneratorExit:  # the visitor left (page closed): stop the run, free the line

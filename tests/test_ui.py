@@ -128,14 +128,14 @@ def test_browser_compare_chat_history(app_url, tiny_model_dir, tmp_path) -> None
         page.get_by_label("Prompt").fill("What is a Python list?")
         page.get_by_role("button", name="Send to all").click()
         page.wait_for_function("[...document.querySelectorAll('.chat-panel small')]"
-                               ".filter(e => e.innerText.includes('tokens')).length >= 2", timeout=120_000)
+                               ".filter(e => e.innerText.includes('tokens')).length >= 2", timeout=600_000)
         page.screenshot(path=str(shots / "chat.png"), full_page=True)
 
         page.get_by_role("tab", name="History").click()
         page.get_by_role("button", name="Refresh").click()
         page.wait_for_timeout(1000)
         page.get_by_role("button", name="Open", exact=True).click()
-        page.locator(".js-plotly-plot:visible").first.wait_for()
+        page.locator(".js-plotly-plot:visible").first.wait_for(timeout=120_000)
         page.screenshot(path=str(shots / "history.png"), full_page=True)
     assert errors == []
 

@@ -46,7 +46,7 @@ def test_hostile_presets_are_refused_by_run_plan_and_save(shared_url, workbench_
     assert len(cases) >= 25
     for name, text, _env, message in cases:
         status = client.predict(text, None, api_name="/run_preset")[0]
-        plan = client.predict(text, None, api_name="/plan_preset")
+        plan = client.predict(text, None, api_name="/plan_preset")[0]  # the note; then the plan's table, chart, rows
         saved = client.predict(f"hostile-{len(name)}", text, api_name="/save_preset")
         for label, shown in (("run", status), ("plan", plan), ("save", saved)):
             assert shown.startswith("**Cannot"), (name, label, shown)

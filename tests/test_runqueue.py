@@ -34,7 +34,7 @@ def test_run_preset_waits_in_line_and_refuses_a_second_run(monkeypatch, tiny_mod
     release = threading.Event()
 
     class HeldRunner:
-        def __init__(self, preset, on_event, visitor=None):
+        def __init__(self, preset, on_event, visitor=None, reuse_measurements=True):
             self.visitor = visitor
 
         def run(self):

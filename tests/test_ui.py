@@ -133,7 +133,9 @@ def test_browser_compare_chat_history(app_url, tiny_model_dir, tmp_path) -> None
 
         page.get_by_role("tab", name="History").click()
         page.get_by_role("button", name="Refresh").click()
-        page.wait_for_timeout(1000)
+        # Open only once the list holds this run: on a loaded machine Refresh can take longer than any fixed pause,
+        # and the run picked before it would be another test's (or none).
+        page.get_by_text("ui-browser", exact=True).filter(visible=True).first.wait_for(timeout=120_000)
         page.get_by_role("button", name="Open", exact=True).click()
         page.locator(".js-plotly-plot:visible").first.wait_for(timeout=120_000)
         page.screenshot(path=str(shots / "history.png"), full_page=True)

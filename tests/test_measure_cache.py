@@ -114,3 +114,16 @@ def test_a_stored_entry_whose_artifact_was_rebuilt_is_not_reused(first_and_rerun
     records = _by_name(run)
     assert "reused" not in records["bf16"] and "reused" not in records["fp32"]
     assert records["bf16"]["metrics"]["kld_mean"] is not None
+
+
+def test_the_code_hash_covers_every_source_file_of_the_package() -> None:
+    """A change anywhere in workbench/ (metrics, runtimes, methods, not only running/) must miss the cache."""
+    import os
+
+    import workbench
+    from workbench.running.measure_cache import code_files
+
+    package = Path(workbench.__file__).resolve().parent
+    walked = {Path(root, name) for root, _dirs, names in os.walk(package) for name in names if name.endswith(".py")}
+    assert set(code_files()) == walked
+    assert package / "metrics" / "quality.py" in walked and package / "cli.py" in walked

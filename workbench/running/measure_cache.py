@@ -15,6 +15,7 @@ code change measures afresh.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -41,11 +42,20 @@ def is_quality_metric(name: str) -> bool:
     return name not in SPEED_METRICS
 
 
+def code_files() -> list[Path]:
+    """Every .py file of the workbench package (all subpackages: metrics, runtimes, methods, ...)."""
+    package = Path(__file__).resolve().parents[1]  # workbench/, not this module's own running/ folder
+    return sorted(package.rglob("*.py"))
+
+
+@functools.lru_cache(maxsize=1)
 def code_hash() -> str:
-    """sha256 over the workbench package's .py files (paths and contents): any code change misses the cache."""
-    package = Path(__file__).resolve().parent
+    """sha256 over the workbench package's .py files (paths and contents): any code change misses the cache.
+
+    Computed once per process: the sources do not change under a running workbench."""
+    package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
+    for path in code_files():
         digest.update(str(path.relative_to(package)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()

@@ -57,3 +57,11 @@ def test_importing_every_package_loads_no_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_package_folder_ray_ships_is_the_whole_workbench_package() -> None:
+    """Ray's py_modules must carry workbench/ itself (importable as `workbench` on a node), not one subfolder."""
+    import workbench
+    from workbench.running import scaleout
+
+    assert scaleout.PACKAGE_DIR == Path(workbench.__file__).resolve().parent

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# The workbench package's own folder (workbench/): what Ray ships to its nodes and what the measurement
+# cache hashes. Defined here, at the top of the package, so no module derives it from its own location.
+PACKAGE_DIR = Path(__file__).resolve().parent
+
 
 def workbench_home() -> Path:
     """`$WORKBENCH_HOME`, default `~/.cache/squeeze-bench`; created on first use."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.cache import MANIFEST, file_sha256, key_hash
-from workbench.paths import workbench_home
+from workbench.paths import PACKAGE_DIR, workbench_home
 
 CACHE_VERSION = 1
 
@@ -44,8 +44,7 @@ def is_quality_metric(name: str) -> bool:
 
 def code_files() -> list[Path]:
     """Every .py file of the workbench package (all subpackages: metrics, runtimes, methods, ...)."""
-    package = Path(__file__).resolve().parents[1]  # workbench/, not this module's own running/ folder
-    return sorted(package.rglob("*.py"))
+    return sorted(PACKAGE_DIR.rglob("*.py"))
 
 
 @functools.lru_cache(maxsize=1)
@@ -53,10 +52,9 @@ def code_hash() -> str:
     """sha256 over the workbench package's .py files (paths and contents): any code change misses the cache.
 
     Computed once per process: the sources do not change under a running workbench."""
-    package = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
     for path in code_files():
-        digest.update(str(path.relative_to(package)).encode())
+        digest.update(str(path.relative_to(PACKAGE_DIR)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
 

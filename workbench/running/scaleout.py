@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from workbench.errors import WorkbenchError
+from workbench.paths import PACKAGE_DIR
 from workbench.process import WorkerOutcome, run_in_worker
 
 ADDRESS_HELP = "auto (a running cluster), local (start one on this machine), ray://HOST:PORT or HOST:PORT"
@@ -36,7 +37,6 @@ POLL_S = 0.25
 TIMING_RESOURCE = "workbench_timing_node"  # one unit per node: a timing step holds the node's only one
 # The steps whose figures include wall-clock speeds: the measuring worker and the interleaved speed pass.
 TIMING_TARGETS = ("workbench.running.worker:measure_variant", "workbench.running.speedpass:speed_pass_worker")
-PACKAGE_DIR = Path(__file__).resolve().parent
 _SHIPPED = False  # True once connect() started the job with the package in its runtime_env
 
 

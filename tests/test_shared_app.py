@@ -69,6 +69,8 @@ def test_visitor_b_sees_none_of_visitor_a_runs(shared_url) -> None:
         alice.keyboard.press("Control+A")
         alice.keyboard.insert_text(VISITOR_A_PRESET)
         alice.get_by_role("button", name="Run", exact=True).click()
+        # The Progress table fills while the run goes on (it once stayed empty in shared mode until the end).
+        alice.get_by_text("measuring", exact=True).filter(visible=True).first.wait_for(timeout=600_000)
         alice.locator(".js-plotly-plot:visible").first.wait_for(timeout=600_000)
         run_id = RUN_ID.search(alice.locator("body").inner_text()).group(0)
         alice.get_by_role("tab", name="History").click()

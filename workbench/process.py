@@ -3,6 +3,14 @@
 A worker that raises, segfaults, runs out of memory or is killed ends as `ok=False` with a
 one-line reason; the parent (the CLI or the UI) keeps running. The worker's stdout and stderr go to
 a log file, so library chatter and native crash messages are kept without cluttering the CLI.
+
+Workers are forked from a multiprocessing fork server that imported torch and transformers once: a fresh
+interpreter spends about 13 s importing them on a 2-core machine (transformers' auto classes pull in
+generation, sklearn and scipy), and a run starts several workers per variant (`bench/worker_start.py`
+measures both ways side by side). The server is a clean, single-threaded process of its own (never the
+caller, which may be a multi-threaded app or hold CUDA state), so a worker still starts without inherited
+threads, locks or CUDA state; what it does not inherit from the server is the caller's environment at the
+time of the call, which `_child` therefore installs first.
 """
 
 from __future__ import annotations
@@ -29,7 +37,32 @@ class WorkerOutcome:
     cancelled: bool = False
 
 
-def _child(target: str, payload: Any, conn: Any, log_path: str) -> None:
+# Imported once by the fork server. Import-time failures are ignored by multiprocessing (the worker then imports
+# what it needs itself), so an installation without one of them still works.
+PRELOAD = ("torch", "transformers", "transformers.models.auto.modeling_auto", "transformers.generation")
+START_METHODS = ("forkserver", "spawn")
+_contexts: dict[str, Any] = {}
+_contexts_lock = threading.Lock()
+
+
+def worker_context(start_method: str = "forkserver") -> Any:
+    """The multiprocessing context workers start from: "forkserver" (preloaded, the default) or "spawn"."""
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {START_METHODS}, not {start_method!r}")
+    with _contexts_lock:
+        if start_method not in _contexts:
+            context = mp.get_context(start_method)
+            if start_method == "forkserver":
+                context.set_forkserver_preload(list(PRELOAD))
+            _contexts[start_method] = context
+        return _contexts[start_method]
+
+
+def _child(target: str, payload: Any, conn: Any, log_path: str, environment: dict[str, str]) -> None:
+    # The fork server's environment is the caller's at the time the server started; the call's own (a changed
+    # WORKBENCH_HOME, a test's setting) is the one that counts.
+    os.environ.clear()
+    os.environ.update(environment)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -85,13 +118,15 @@ def run_in_worker(
     on_event: Callable[[str], None] = lambda _m: None,
     cancel: threading.Event | None = None,
     on_start: Callable[[int], None] = lambda _pid: None,
+    start_method: str = "forkserver",
 ) -> WorkerOutcome:
-    """Call `target(payload, emit)` ("module:function") in a spawned process and wait for it."""
-    context = mp.get_context("spawn")  # a clean interpreter: no inherited threads, locks or CUDA state
+    """Call `target(payload, emit)` ("module:function") in a worker process and wait for it."""
+    context = worker_context(start_method)
     receiver, sender = context.Pipe(duplex=False)
     # Not a daemon: a worker may need a helper process of its own (e.g. guarded llama.cpp tokenization);
     # the `finally` below still kills it whenever the parent stops waiting.
-    process = context.Process(target=_child, args=(target, payload, sender, str(log_path)), daemon=False)
+    process = context.Process(target=_child, args=(target, payload, sender, str(log_path), dict(os.environ)),
+                              daemon=False)
     process.start()
     sender.close()
     on_start(process.pid)

@@ -16,7 +16,8 @@ from typing import Any
 _CONTROL, _USER_DEFINED = 3, 4
 
 
-def _strings(reader: Any, name: str) -> list[str] | None:
+def token_strings(reader: Any, name: str) -> list[str] | None:
+    """A string-array field of a gguf-py reader (e.g. `tokenizer.ggml.tokens`), decoded; None when absent."""
     field = reader.fields.get(name)
     if field is None:
         return None
@@ -39,8 +40,8 @@ def tokenizer_from_gguf(path: Path) -> Any | None:
     reader = gguf.GGUFReader(path)
     if gguf_field(reader, "tokenizer.ggml.model") != "gpt2":
         return None
-    tokens = _strings(reader, "tokenizer.ggml.tokens") or []
-    merges = _strings(reader, "tokenizer.ggml.merges") or []
+    tokens = token_strings(reader, "tokenizer.ggml.tokens") or []
+    merges = token_strings(reader, "tokenizer.ggml.merges") or []
     types = _ints(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
     vocab = {token: index for index, token in enumerate(tokens)}
     pairs = [tuple(merge.split(" ", 1)) for merge in merges if " " in merge]

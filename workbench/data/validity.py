@@ -138,25 +138,37 @@ def check_weights(hf_dir: Path, spec: str, trust_remote_code: bool) -> dict[str,
     return {"missing_keys": 0, "mismatched_keys": 0, "unexpected_keys": len(info.get("unexpected_keys") or [])}
 
 
-def gguf_tokenizer_agreement(gguf_file: Path, text: str, ids: Sequence[int]) -> dict[str, Any]:
-    """llama.cpp's own tokenization of `text` with the file's vocabulary, compared with the workbench's ids.
+def llamacpp_tokenization(gguf_file: Path, text: str) -> tuple[list[int] | None, list[str] | None, str | None]:
+    """(llama.cpp's ids for `text`, the file's token texts id by id as llama.cpp read them, error).
 
-    Runs in a separate process: llama.cpp's tokenizer aborts the process on some vocabularies.
+    Runs in a separate process: llama.cpp's tokenizer aborts the process on some vocabularies. A plain
+    interpreter (spawn), not the preloaded fork server: the helper needs llama.cpp, not torch.
     """
     from workbench.process import run_in_worker
 
     with tempfile.TemporaryDirectory() as scratch:
         outcome = run_in_worker("workbench.runtimes.llamacpp:native_tokenize", {"gguf": str(gguf_file), "text": text},
-                                Path(scratch) / "tokenize.log")
+                                Path(scratch) / "tokenize.log", start_method="spawn")
     if not outcome.ok:
-        return {"hf_tokens": len(ids), "gguf_tokens": None, "matching_fraction": None,
-                "error": f"llama.cpp could not tokenize the eval text with this file's vocabulary: {outcome.error}"}
-    native = outcome.result
+        return None, None, f"llama.cpp could not tokenize the eval text with this file's vocabulary: {outcome.error}"
+    return outcome.result["ids"], outcome.result["vocabulary"], None
+
+
+def id_agreement(ids: Sequence[int], native: list[int] | None, error: str | None) -> dict[str, Any]:
+    """How many of the workbench's ids llama.cpp's own tokenization reproduces (the record's fields)."""
+    if native is None:
+        return {"hf_tokens": len(ids), "gguf_tokens": None, "matching_fraction": None, "error": error}
     matcher = SequenceMatcher(None, list(ids), native, autojunk=False)
     matched = sum(block.size for block in matcher.get_matching_blocks())
     # Matched over the longer of the two: a tokenizer that splits into characters matches few of llama.cpp's ids.
     return {"hf_tokens": len(ids), "gguf_tokens": len(native), "matching_fraction": matched / max(len(ids), len(native), 1),
             "error": None}
+
+
+def gguf_tokenizer_agreement(gguf_file: Path, text: str, ids: Sequence[int]) -> dict[str, Any]:
+    """llama.cpp's own tokenization of `text` with the file's vocabulary, compared with the workbench's ids."""
+    native, _vocabulary, error = llamacpp_tokenization(gguf_file, text)
+    return id_agreement(ids, native, error)
 
 
 def check_gguf_tokenizer(agreement: dict[str, Any], spec: str) -> None:

@@ -178,3 +178,21 @@ def test_llamacpp_lm_eval_adapter_equals_the_variants_logits(tiny_gguf, tiny_smo
     assert rolling == pytest.approx(sum(logp[i - 1, whole[i]] for i in range(1, len(whole))), abs=1e-4)
     text, = adapter.generate_until([Instance("generate_until", {}, (context, {"until": ["\n"], "max_gen_toks": 4}), 0)])
     assert isinstance(text, str)
+
+
+def test_llamacpp_vocabulary_equals_gguf_py_reading_of_the_file(bundled_source) -> None:
+    """The tokenizer check takes the file's token texts from llama.cpp's helper process; gguf-py reads the same
+    field independently, and llama.cpp's ids for a text are the HF tokenizer's on the bundled file."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from workbench.data.validity import llamacpp_tokenization
+
+    path = Path(bundled_source.gguf_file)
+    field = gguf.GGUFReader(path).fields["tokenizer.ggml.tokens"]
+    expected = [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+    text = "The quick brown fox jumps over the lazy dog. A list is a mutable sequence."
+    ids = AutoTokenizer.from_pretrained(bundled_source.hf_dir)(text)["input_ids"]
+    native, vocabulary, error = llamacpp_tokenization(path, text)
+    assert error is None and len(expected) == 49152 and vocabulary == expected
+    assert native == ids

@@ -200,3 +200,34 @@ def test_selfcheck_on_a_model_the_user_gives(tmp_path) -> None:
     assert checks["fp32 perplexity: transformers labels/loss vs workbench"].status == "pass"
     assert "BOS first in every window" in checks["fp32 perplexity: transformers labels/loss vs workbench"].detail
     assert checks["baseline perplexity below the eval text's unigram perplexity"].status == "FAIL"
+
+
+def test_gguf_summary_follows_a_moved_file_and_rereads_a_changed_one(tmp_path, monkeypatch) -> None:
+    """The summary cache is keyed by the file's identity, not its path: a build reads it in its temporary folder
+    and the measuring worker finds it after the folder is published; a rewritten file is read again."""
+    import gguf
+
+    from workbench.data import gguf_info
+
+    path = tmp_path / "build" / "model.gguf"
+    path.parent.mkdir()
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    first = gguf_info.gguf_summary(path)
+    assert first["tensors"] == 1 and first["parameters"] == 32 and first["tensor_types"] == {"F32": 1}
+
+    reads: list[object] = []
+    real_read = gguf_info._read_summary
+    monkeypatch.setattr(gguf_info, "_read_summary", lambda reader: reads.append(reader) or real_read(reader))
+    moved = tmp_path / "published" / "model.gguf"
+    moved.parent.mkdir()
+    path.rename(moved)
+    assert gguf_info.gguf_summary(moved) == first and reads == []  # served from the cache
+    with moved.open("ab") as handle:  # the file changes: its summary is read again
+        handle.write(b"\0" * 32)
+    gguf_info.gguf_summary(moved)
+    assert len(reads) == 1

@@ -80,13 +80,16 @@ def gguf_summary(path: Path) -> dict[str, Any]:
 
     Reading the metadata with GGUFReader takes seconds for a 49k-token vocabulary (it builds a view per
     array element), and every load of a llama.cpp variant needs the summary, so it is kept under
-    `$WORKBENCH_HOME/gguf-summaries`, keyed by the file's resolved path, size and modification time:
-    a rewritten or truncated file is read again.
+    `$WORKBENCH_HOME/gguf-summaries`, keyed by the file's device, inode, size and modification time: a
+    rewritten or truncated file is read again, while a file moved within its file system keeps its entry (a
+    build reads the summary in its temporary folder, and the measuring worker finds it after the folder is
+    published, so the variant's load time is llama.cpp's, not gguf-py's).
     """
     path = Path(path)
     check_gguf_file(path)
-    stat = path.stat()
-    key = hashlib.sha256(f"{SUMMARY_VERSION}|{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:24]
+    stat = path.resolve().stat()
+    identity = f"{stat.st_dev}|{stat.st_ino}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = hashlib.sha256(f"{SUMMARY_VERSION}|{identity}".encode()).hexdigest()[:24]
     cached = workbench_home() / "gguf-summaries" / f"{key}.json"
     try:
         return json.loads(cached.read_text())

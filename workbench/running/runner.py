@@ -456,7 +456,7 @@ class Runner:
                 "speed_noisy": "an interval reaches beyond +-10 % of its median, or contention > 0.25 core",
                 "pinned_threads": "the measuring worker's threads pinned to its lowest `threads` allowed cores "
                                   "(record runtime.pinned_cpus)" if preset.latency.pin_threads else "not pinned",
-                "peak_rss": "VmHWM of the measuring worker process from its start through imports, load, latency runs and samples (the perplexity pass comes after)",
+                "peak_rss": "VmHWM of the measuring worker process from its start through load, latency runs and samples (the perplexity pass comes after); the worker is forked from a server that imported torch and transformers, so their pages count as far as the worker has them resident",
                 "weight_bytes": "bytes of the loaded model's state_dict tensors, each storage counted once",
                 "sparsity": "exact zero fraction over Linear and Embedding weights (bnb 4-bit dequantized)",
                 "samples": f"greedy, chat template, up to {preset.samples.new_tokens} new tokens, stop at EOS",

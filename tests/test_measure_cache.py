@@ -27,7 +27,23 @@ def _by_name(run: dict) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def first_and_rerun(tmp_path_factory, tiny_model_dir):
+def own_home(workbench_home, tmp_path_factory):
+    """A home of this module's own: it counts what a run reuses, and other modules' runs of the tiny model in the
+    session's home (same protocol, e.g. an fp16 variant) would be found in that home's measurement cache."""
+    import shutil
+
+    from workbench.planning.machine import PROFILE_FILE
+
+    home = tmp_path_factory.mktemp("reuse-home")
+    if (workbench_home / PROFILE_FILE).exists():  # the session's machine calibration, as in every other test
+        shutil.copy(workbench_home / PROFILE_FILE, home / PROFILE_FILE)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORKBENCH_HOME", str(home))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def first_and_rerun(own_home, tmp_path_factory, tiny_model_dir):
     """One fresh run of fp32 + bf16, then the same preset again (nothing changed)."""
     import yaml
 

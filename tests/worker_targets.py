@@ -59,3 +59,10 @@ def calibrate_thread_counts(payload: dict, emit: Callable[[str], None]) -> dict:
             profile.update(import_s=first["import_s"], runtime_base_rss_bytes=first["runtime_base_rss_bytes"])
         profiles[threads] = profile
     return profiles
+
+
+def environment_and_modules(payload: list[str], emit: Callable[[str], None]) -> dict:
+    """The worker's view of some environment variables, and whether torch was already imported when it started."""
+    import sys
+
+    return {"env": {name: os.environ.get(name) for name in payload}, "torch_preloaded": "torch" in sys.modules}

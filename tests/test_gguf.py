@@ -73,12 +73,17 @@ def test_bundled_file_as_shipped_and_f16_next_to_fp32(bundled_source, tmp_path) 
                                 "threads": 2, **SHORT, "baseline": "fp32",
                                 "variants": [{"name": "fp32", "method": "fp32"},
                                              {"name": "f16", "method": "gguf", "options": {"quant": "F16"}},
+                                             {"name": "q8", "method": "gguf", "options": {"quant": "Q8_0"}},
                                              {"name": "shipped", "method": "gguf-file"}]}))
     run = Runner(load_preset(path), out_dir=tmp_path / "out").run()
     records = {r["name"]: r for r in run["variants"]}
     assert all(r["status"] == "ok" for r in records.values()), {n: r["error"] for n, r in records.items()}
     fp32, f16, shipped = (records[n]["metrics"] for n in ("fp32", "f16", "shipped"))
     assert f16["perplexity"] == pytest.approx(fp32["perplexity"], rel=5e-3) and f16["kld_mean"] < 1e-3
+    # Q8_0 straight from the shipped Q4_1 tensors (llama.cpp dequantizes them to float32 first): close to fp32.
+    q8 = records["q8"]
+    assert q8["build"][-1]["report"]["intermediate"].startswith("none: the source GGUF file's tensors")
+    assert q8["gguf"]["tensor_types"].get("Q8_0", 0) > 0 and q8["metrics"]["kld_mean"] < 0.01
     assert records["shipped"]["tokenizer_agreement"]["matching_fraction"] == 1.0
     assert records["shipped"]["gguf"]["tensor_types"]["Q4_1"] > 0 and shipped["kld_mean"] is not None
     assert shipped["disk_bytes"] < f16["disk_bytes"] < fp32["disk_bytes"]
@@ -196,3 +201,45 @@ def test_llamacpp_vocabulary_equals_gguf_py_reading_of_the_file(bundled_source) 
     native, vocabulary, error = llamacpp_tokenization(path, text)
     assert error is None and len(expected) == 49152 and vocabulary == expected
     assert native == ids
+
+
+def test_transformers_loads_a_gguf_the_same_with_the_file_parsed_once(tiny_gguf) -> None:
+    """gguf_parsed_once() shares one parse of the file (and gguf-py's name map) across transformers' loads: the
+    weights are bit-identical to a plain load, the file is parsed once for two loads and a tokenizer, and gguf-py's
+    own names are back afterwards."""
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workbench.data import gguf_info
+
+    path = tiny_gguf["F16"] / "model.gguf"
+    originals = (gguf.GGUFReader, gguf.get_tensor_name_map)
+    plain = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
+    gguf_info._cached_reader.cache_clear()
+    with gguf_info.gguf_parsed_once():
+        shared = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
+        AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert gguf_info._cached_reader.cache_info().misses == 1
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == originals
+    assert plain.keys() == shared.keys() and all(torch.equal(plain[k], shared[k]) for k in plain)
+
+
+def test_requantizing_a_quantized_file_needs_allow_requantize(tiny_gguf, tmp_path) -> None:
+    """A GGUF source that is already quantized is re-quantized directly (llama.cpp dequantizes to float32 first);
+    without allow_requantize llama.cpp refuses it, and a type the file already has is copied unchanged."""
+    from workbench.data.gguf_info import gguf_reader
+    from workbench.methods.gguf import quantize_gguf
+
+    source = tiny_gguf["Q8_0"] / "model.gguf"
+    with pytest.raises(WorkbenchError, match="llama_model_quantize failed for Q4_0"):
+        quantize_gguf(source, tmp_path / "refused.gguf", "Q4_0", threads=1, pure=True)
+    quantize_gguf(source, tmp_path / "q4_0.gguf", "Q4_0", threads=1, pure=True, allow_requantize=True)
+    quantize_gguf(source, tmp_path / "q8_0.gguf", "Q8_0", threads=1, pure=True, allow_requantize=True)
+    original = {t.name: t for t in gguf_reader(source).tensors}
+    q4 = {t.name: t for t in gguf_reader(tmp_path / "q4_0.gguf").tensors}
+    q8 = {t.name: t for t in gguf_reader(tmp_path / "q8_0.gguf").tensors}
+    matrices = [name for name, t in original.items() if t.tensor_type.name == "Q8_0"]
+    assert matrices and all(q4[name].tensor_type.name == "Q4_0" for name in matrices)
+    assert all(np.array_equal(np.asarray(q8[name].data), np.asarray(original[name].data)) for name in matrices)

@@ -12,4 +12,4 @@ __version__ = "0.1.0"
 
 # Part of every artifact's cache key: raised when a method's output changes for the same options (or the
 # artifact layout changes), so older cached artifacts are rebuilt instead of reused.
-ARTIFACT_FORMAT = 3
+ARTIFACT_FORMAT = 4

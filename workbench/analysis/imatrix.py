@@ -28,11 +28,9 @@ IMATRIX_FILE = "imatrix.npz"  # kept in the artifact folder, so anyone can inspe
 
 def gguf_tensor_names(gguf_path: Path) -> tuple[str, dict[str, tuple[int, ...]]]:
     """(architecture, {tensor name: shape as numpy sees it, rows first}) of a GGUF file."""
-    import gguf
+    from workbench.data.gguf_info import gguf_field, gguf_reader
 
-    from workbench.data.gguf_info import gguf_field
-
-    reader = gguf.GGUFReader(gguf_path)
+    reader = gguf_reader(gguf_path)
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
     return str(gguf_field(reader, "general.architecture")), shapes
 

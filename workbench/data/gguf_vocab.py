@@ -31,13 +31,12 @@ def _ints(reader: Any, name: str) -> list[int] | None:
 
 def tokenizer_from_gguf(path: Path) -> Any | None:
     """A PreTrainedTokenizerFast for a byte-level BPE vocabulary; None for other vocabulary types."""
-    import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from workbench.data.gguf_info import gguf_field
+    from workbench.data.gguf_info import gguf_field, gguf_reader
 
-    reader = gguf.GGUFReader(path)
+    reader = gguf_reader(path)
     if gguf_field(reader, "tokenizer.ggml.model") != "gpt2":
         return None
     tokens = token_strings(reader, "tokenizer.ggml.tokens") or []

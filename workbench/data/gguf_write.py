@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from workbench.data.gguf_info import gguf_reader
 from workbench.errors import WorkbenchError
 
 # What llama.cpp's converter does with a float type: matrices take it, 1-D tensors (norms, biases) stay F32.
@@ -26,7 +27,7 @@ def float_copy_of_gguf(source: Path, target: Path, outtype: str) -> None:
 
     if outtype not in _FILE_TYPES:
         raise WorkbenchError(f"a float GGUF copy needs F32, F16 or BF16, not {outtype}")
-    reader = gguf.GGUFReader(source)
+    reader = gguf_reader(source)
     architecture = reader.get_field(gguf.Keys.General.ARCHITECTURE)
     if architecture is None:
         raise WorkbenchError(f"{source} has no general.architecture, so it cannot be re-quantized")

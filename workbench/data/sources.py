@@ -219,8 +219,11 @@ def _convert_gguf(gguf: Path, out: Path, emit: Callable[[str], None] = lambda _m
 
     from workbench.methods.registry import method_names
 
+    from workbench.data.gguf_info import gguf_parsed_once
+
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        with gguf_parsed_once():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as exc:
         # Every torch method (and the eval tokenizer) needs the model in transformers; llama.cpp alone can still
         # run the file, as a variant next to a model transformers can load.
@@ -236,7 +239,8 @@ def _convert_gguf(gguf: Path, out: Path, emit: Callable[[str], None] = lambda _m
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out)
-    tokenizer, origin = _agreeing_tokenizer(gguf, AutoTokenizer, emit)
+    with gguf_parsed_once():
+        tokenizer, origin = _agreeing_tokenizer(gguf, AutoTokenizer, emit)
     tokenizer.save_pretrained(out)
     (out / TOKENIZER_ORIGIN).write_text(json.dumps(origin, indent=1))
 

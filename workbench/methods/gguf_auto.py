@@ -30,7 +30,7 @@ from pydantic import Field, model_validator
 
 from workbench.data.calibration import CalibrationSpec, calibration_sequences, describe
 from workbench.errors import WorkbenchError
-from workbench.data.gguf_info import GGUF_NAME
+from workbench.data.gguf_info import GGUF_NAME, gguf_reader
 from workbench.methods.base import BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput
 from workbench.methods.gguf import (TENSOR_TYPES_NEEDING_IMATRIX, TensorType, _finish, convert_and_quantize_s,
                                     convert_to_gguf, imatrix_for, imatrix_s, quantize_gguf, quantize_pass_s)
@@ -83,9 +83,7 @@ def unit_pattern(unit: str) -> str:
 
 def read_tensors(path: Path) -> dict[str, Any]:
     """{name: gguf ReaderTensor} of a file (memory-mapped: nothing is read until used)."""
-    import gguf
-
-    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+    return {t.name: t for t in gguf_reader(path).tensors}
 
 
 def matrices(tensors: dict[str, Any]) -> list[str]:

@@ -144,16 +144,14 @@ def shape_from_folder(folder: Path) -> ModelShape:
 
 def shape_from_gguf(path: Path) -> ModelShape:
     """The shape from a GGUF file's metadata and tensor table (memory-mapped; tensor data is never read)."""
-    import gguf
-
-    from workbench.data.gguf_info import check_gguf_readable, gguf_field
+    from workbench.data.gguf_info import check_gguf_readable, gguf_field, gguf_reader
 
     try:
         check_gguf_readable(path)
     except WorkbenchError as exc:
         raise ShapeError(str(exc)) from None
     try:
-        reader = gguf.GGUFReader(path)
+        reader = gguf_reader(path)
     except Exception as exc:
         raise ShapeError(f"{path} is a damaged GGUF file ({type(exc).__name__})") from None
 

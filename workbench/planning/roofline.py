@@ -29,9 +29,9 @@ def weights_read(variant: Any) -> dict[str, Any] | None:
 
 
 def gguf_weights_read(path: Path) -> dict[str, Any]:
-    import gguf
+    from workbench.data.gguf_info import gguf_reader
 
-    reader = gguf.GGUFReader(path)
+    reader = gguf_reader(path)
     tensors = {t.name: t for t in reader.tensors}
     embedding = tensors.get("token_embd.weight")
     return {"embedding_bytes": int(embedding.n_bytes) if embedding is not None else 0,

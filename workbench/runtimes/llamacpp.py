@@ -16,7 +16,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from workbench.cache import folder_bytes
-from workbench.data.gguf_info import GGUF_NAME, check_gguf_file, gguf_summary
+from workbench.data.gguf_info import GGUF_NAME, check_gguf_file, gguf_reader, gguf_summary
 from workbench.runtimes.base import Footprint, Variant
 
 BATCH = 512  # tokens per llama.cpp decode call; longer windows go in several calls
@@ -126,11 +126,9 @@ class LlamaCppVariant(Variant):
                 **id_agreement(ids, native, error)}
 
     def summary_tokens(self) -> list[str]:
-        import gguf
-
         from workbench.data.gguf_vocab import token_strings
 
-        return token_strings(gguf.GGUFReader(self.artifact_path / GGUF_NAME), "tokenizer.ggml.tokens") or []
+        return token_strings(gguf_reader(self.artifact_path / GGUF_NAME), "tokenizer.ggml.tokens") or []
 
     def eos_ids(self) -> set[int]:
         return {int(i) for i in (self.llm.token_eos(), self.tokenizer.eos_token_id) if i is not None and i >= 0}

@@ -163,9 +163,12 @@ def check_weight_format(folder: Path, spec: str, allow_pickle: bool) -> None:
 
 
 def _from_gguf(gguf: Path, emit: Callable[[str], None]) -> ModelSource:
-    from workbench.data.gguf_info import check_gguf_readable
+    from workbench.data.gguf_info import check_gguf_readable, gguf_summary
 
     check_gguf_readable(gguf)  # a damaged file is described as damaged, before any conversion is tried
+    # From the parse just made: planning and the gguf-file variant read the summary from its cache, instead of
+    # parsing the file again in the run's own process (10 s for the bundled vocabulary).
+    gguf_summary(gguf)
     fingerprint = "sha256:" + file_sha256(gguf)
     material = _conversion_material(fingerprint)
 

@@ -438,3 +438,32 @@ def test_plan_estimates_imatrix_overrides_and_auto_targets(tiny_smol_dir) -> Non
     assert auto.weight_bytes == min(3_000_000, auto_floor(shape, ["Q8_0", "Q4_0"], pick=max)) and auto.runtime == "llamacpp"
     low = estimate_weights(shape, [{"method": "gguf-auto", "options": {"target_mb": floor / 2e6, "candidates": ["Q4_0"]}}])
     assert any("the build will refuse it" in note for note in low.notes)
+
+
+def test_gguf_auto_on_a_gguf_source_quantizes_the_file_itself(tiny_smol_dir, tmp_path) -> None:
+    """With a GGUF source, the candidates and the final mix come from the source file (as for `gguf`): a unit left
+    at the source's own type holds the source's bytes unchanged, and no F16 copy is written."""
+    from dataclasses import replace
+
+    from workbench.data.gguf_info import GGUF_NAME
+    from workbench.data.sources import _convert_gguf
+    from workbench.methods.gguf import GGUF, GGUFOptions
+    from workbench.methods.gguf_auto import GGUFAuto, GGUFAutoOptions, read_tensors
+
+    source = tmp_path / "source"
+    source.mkdir()
+    GGUF().build(tiny_smol_dir, source, GGUFOptions(quant="Q8_0"), CTX)
+    folder = tmp_path / "fp32"  # what resolving a GGUF source makes: its weights dequantized by transformers
+    _convert_gguf(source / GGUF_NAME, folder)
+    ctx = replace(CTX, source_gguf=str(source / GGUF_NAME), source_dir=str(folder))
+    original = read_tensors(source / GGUF_NAME)
+    everything = sum(int(t.n_bytes) for t in original.values())
+    out = tmp_path / "auto"
+    out.mkdir()
+    GGUFAuto().build(folder, out, GGUFAutoOptions(target_mb=everything * 0.8 / 1e6, candidates=["Q8_0", "Q4_0"],
+                                                  sensitivity={"samples": 2, "seq_len": 64, "seed": 1}), ctx)
+    auto = json.loads((out / "stage_report.json").read_text())["gguf"]["auto"]
+    assert auto["tensor_bytes"] <= everything * 0.8 and set(auto["choice"].values()) == {"Q8_0", "Q4_0"}
+    kept = [(name, t) for name, t in read_tensors(out / GGUF_NAME).items() if t.tensor_type.name == "Q8_0"]
+    assert kept and all(np.array_equal(np.asarray(t.data), np.asarray(original[name].data)) for name, t in kept)
+    assert (source / GGUF_NAME).is_file() and not list(out.glob("*.gguf.*")) and not (out / "converted-f16.gguf").exists()

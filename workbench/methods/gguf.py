@@ -108,6 +108,12 @@ def _finish(out_dir: Path, input_dir: Path, ctx: BuildContext, n_gpu_layers: int
     (out_dir / "stage_report.json").write_text(json.dumps({**report, "gguf": summary}))
 
 
+def is_source_gguf_input(input_dir: Path, ctx: BuildContext) -> bool:
+    """Whether this stage's input is the unmodified source and the source is a GGUF file: llama.cpp then quantizes
+    the file itself (allow_requantize), the values the fp32 baseline holds, rather than a converter's F16 copy."""
+    return bool(ctx.source_gguf and ctx.source_dir and input_dir.resolve() == Path(ctx.source_dir).resolve())
+
+
 def refuse_without_imatrix(quant: str, tensor_types: dict[str, str]) -> None:
     """Say before converting (not after, in llama.cpp's log) that an importance matrix is needed."""
     needing = sorted({t for t in tensor_types.values() if t in TENSOR_TYPES_NEEDING_IMATRIX})
@@ -250,8 +256,7 @@ class GGUF(Method):
         if options.imatrix is None:
             refuse_without_imatrix(options.quant, options.tensor_types)
         started = time.perf_counter()
-        from_source_file = bool(ctx.source_gguf and ctx.source_dir
-                                and input_dir.resolve() == Path(ctx.source_dir).resolve())
+        from_source_file = is_source_gguf_input(input_dir, ctx)
         if from_source_file and options.quant not in FLOAT_TYPES:
             # The unmodified GGUF source, re-quantized in place of a float intermediate: llama_model_quantize with
             # allow_requantize dequantizes each tensor to float32 first (src/llama-quant.cpp,

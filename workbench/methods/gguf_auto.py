@@ -3,7 +3,8 @@
 Units are the decoder blocks (`blk.N.*`), the token embedding and the output head (tied models have one
 tensor for both). How the sensitivities are measured, and why this way:
 
-1. The converted F16 file is quantized once per candidate type with llama.cpp itself (every matrix to
+1. The float file (the converter's F16 output; for a GGUF source, the source file itself, dequantized by
+   llama.cpp as the `gguf` method does) is quantized once per candidate type with llama.cpp itself (every matrix to
    that type through a tensor-type override, with the importance matrix when one is asked for), so each
    unit's bits are exactly the bits the final file will hold, fallbacks included (a 576-wide tensor
    asked for Q4_K is stored Q5_0 by llama.cpp, and its bytes and error are those of Q5_0).
@@ -33,7 +34,8 @@ from workbench.errors import WorkbenchError
 from workbench.data.gguf_info import GGUF_NAME, gguf_reader
 from workbench.methods.base import BuildContext, BuildSpeed, Method, MethodOptions, SizeEstimate, SizeInput
 from workbench.methods.gguf import (TENSOR_TYPES_NEEDING_IMATRIX, TensorType, _finish, convert_and_quantize_s,
-                                    convert_to_gguf, imatrix_for, imatrix_s, quantize_gguf, quantize_pass_s)
+                                    convert_to_gguf, imatrix_for, imatrix_s, is_source_gguf_input, quantize_gguf,
+                                    quantize_pass_s)
 from workbench.analysis.mixed_precision import Option, check_budget, greedy, optimal, total_bytes, total_kld
 from workbench.analysis.sensitivity import KLDProbe, sensitivity_cache  # noqa: F401  (KLDProbe: shared with bnb-auto)
 
@@ -104,7 +106,7 @@ def _unpermute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 
 class TorchSlots:
-    """Where each GGUF matrix lives in the torch model, and how its rows map back (checked on the F16 file)."""
+    """Where each GGUF matrix lives in the torch model, and how its rows map back (checked on the float or source file)."""
 
     def __init__(self, model: Any, converted: dict[str, Any], arch: str) -> None:
         import torch
@@ -197,9 +199,13 @@ class GGUFAuto(Method):
                                  "{samples: 32, seq_len: 256, text: pydoc} to the options, or drop them")
         timings: dict[str, float] = {}
         started = time.perf_counter()
-        converted = out_dir / "converted-f16.gguf"
-        ctx.emit("converting to GGUF F16")
-        convert_to_gguf(input_dir, converted, "F16")
+        from_source_file = is_source_gguf_input(input_dir, ctx)  # as for `gguf`: no F16 copy of a GGUF source
+        if from_source_file:
+            converted = Path(str(ctx.source_gguf))
+        else:
+            converted = out_dir / "converted-f16.gguf"
+            ctx.emit("converting to GGUF F16")
+            convert_to_gguf(input_dir, converted, "F16")
         timings["convert_s"] = time.perf_counter() - started
         arch, _shapes = gguf_tensor_names(converted)
         base = read_tensors(converted)
@@ -218,7 +224,7 @@ class GGUFAuto(Method):
             timings["imatrix_s"] = time.perf_counter() - started
 
         started = time.perf_counter()
-        candidate_files = _quantize_candidates(converted, out_dir, options.candidates, matrix, ctx)
+        candidate_files = _quantize_candidates(converted, out_dir, options.candidates, matrix, ctx, from_source_file)
         timings["candidates_s"] = time.perf_counter() - started
         # The smallest file the candidates allow is known now: refuse an impossible budget before measuring.
         stored = {t: read_tensors(p) for t, p in candidate_files.items()}
@@ -234,7 +240,7 @@ class GGUFAuto(Method):
 
         started = time.perf_counter()
         table, cached = _sensitivity_table(input_dir, options, extra.get("imatrix", {}).get("hash"), base, arch,
-                                           candidate_files, units, ctx)
+                                           candidate_files, units, ctx, quantized_from=converted.name)
         if cached:
             timings["sensitivity_cached"] = True
         timings["sensitivity_s"] = time.perf_counter() - started
@@ -245,9 +251,10 @@ class GGUFAuto(Method):
                  f"{budget / 1e6:.2f} MB budget")
         started = time.perf_counter()
         quantize_gguf(converted, out_dir / GGUF_NAME, CARRIER_FTYPE, ctx.threads, True, imatrix=matrix,
-                      overrides={unit_pattern(unit): option.type for unit, option in chosen.items()})
+                      overrides={unit_pattern(unit): option.type for unit, option in chosen.items()},
+                      allow_requantize=from_source_file)
         timings["quantize_s"] = time.perf_counter() - started
-        for path in (*candidate_files.values(), converted):
+        for path in (*candidate_files.values(), *([] if from_source_file else [converted])):
             path.unlink()
         written = sum(int(t.n_bytes) for t in read_tensors(out_dir / GGUF_NAME).values())
         if written != total_bytes(chosen, fixed):
@@ -299,21 +306,21 @@ class GGUFAuto(Method):
 
 
 def _quantize_candidates(converted: Path, out_dir: Path, candidates: list[str], matrix: Any,
-                         ctx: BuildContext) -> dict[str, Path]:
+                         ctx: BuildContext, allow_requantize: bool) -> dict[str, Path]:
     """Every matrix quantized to each candidate type, one file per type: the blocks the sensitivities swap in."""
     files = {}
     for type_name in candidates:
         ctx.emit(f"quantizing every matrix to {type_name}")
         path = out_dir / f"candidate-{type_name}.gguf"
         quantize_gguf(converted, path, CARRIER_FTYPE, ctx.threads, True, imatrix=matrix,
-                      overrides={r"\.weight$": type_name})
+                      overrides={r"\.weight$": type_name}, allow_requantize=allow_requantize)
         files[type_name] = path
     return files
 
 
 def _sensitivity_table(input_dir: Path, options: GGUFAutoOptions, imatrix_hash: str | None, base: dict, arch: str,
                        candidate_files: dict[str, Path], units: dict[str, list[str]],
-                       ctx: BuildContext) -> tuple[dict[str, list[Option]], bool]:
+                       ctx: BuildContext, quantized_from: str) -> tuple[dict[str, list[Option]], bool]:
     """(per-unit options with their measured KLD, whether the table came from the cache). The same input,
     candidates, matrix and calibration tokens give the same table, so it is cached under those."""
     import torch
@@ -321,7 +328,7 @@ def _sensitivity_table(input_dir: Path, options: GGUFAutoOptions, imatrix_hash: 
 
     from workbench.environment import library_versions
 
-    material = {"input": str(input_dir), "candidates": options.candidates, "imatrix": imatrix_hash,
+    material = {"input": str(input_dir), "quantized_from": quantized_from, "candidates": options.candidates, "imatrix": imatrix_hash,
                 "sensitivity": options.sensitivity.model_dump(), "versions": library_versions()}
     cache = sensitivity_cache("gguf-auto", material)
     if cache.is_file():

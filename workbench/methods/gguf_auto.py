@@ -129,7 +129,7 @@ class TorchSlots:
         if missing:
             raise WorkbenchError(f"gguf-auto cannot place {len(missing)} GGUF tensors in the torch model "
                                  f"(first: {missing[0]}); this architecture is not supported")
-        for name, param in self.params.items():  # learn each tensor's row order from the F16 file itself
+        for name, param in self.params.items():  # learn each tensor's row order from the float (or source) file itself
             reference = param.detach().float().numpy().astype(np.float16).astype(np.float32)
             stored = dequantized(converted[name]).reshape(reference.shape)
             if np.allclose(stored, reference, rtol=1e-3, atol=1e-6):

@@ -76,7 +76,8 @@ def gguf_parsed_once() -> Iterator[None]:
     per model load and once per tokenizer load, and rebuilds the tensor-name map once per submodule (397 times
     for SmolLM2: 14 s). Measured on the bundled file: loading it as an fp32 model took 43 s, of which 33 s were
     these repeats. Both stand-ins return what the originals would (the reader is read-only; the map is a pure
-    function of architecture and block count); the originals are restored on exit.
+    function of architecture and block count); the originals are restored on exit. It swaps module attributes, so
+    it belongs in a single-threaded worker process (resolving a source runs in one), not in the app's threads.
     """
     import gguf
 

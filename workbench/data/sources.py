@@ -163,12 +163,9 @@ def check_weight_format(folder: Path, spec: str, allow_pickle: bool) -> None:
 
 
 def _from_gguf(gguf: Path, emit: Callable[[str], None]) -> ModelSource:
-    from workbench.data.gguf_info import check_gguf_readable, gguf_summary
+    from workbench.data.gguf_info import check_gguf_readable
 
     check_gguf_readable(gguf)  # a damaged file is described as damaged, before any conversion is tried
-    # From the parse just made: planning and the gguf-file variant read the summary from its cache, instead of
-    # parsing the file again in the run's own process (10 s for the bundled vocabulary).
-    gguf_summary(gguf)
     fingerprint = "sha256:" + file_sha256(gguf)
     material = _conversion_material(fingerprint)
 
@@ -222,7 +219,7 @@ def _convert_gguf(gguf: Path, out: Path, emit: Callable[[str], None] = lambda _m
 
     from workbench.methods.registry import method_names
 
-    from workbench.data.gguf_info import gguf_parsed_once
+    from workbench.data.gguf_info import gguf_parsed_once, gguf_summary
 
     try:
         with gguf_parsed_once():
@@ -246,6 +243,9 @@ def _convert_gguf(gguf: Path, out: Path, emit: Callable[[str], None] = lambda _m
         tokenizer, origin = _agreeing_tokenizer(gguf, AutoTokenizer, emit)
     tokenizer.save_pretrained(out)
     (out / TOKENIZER_ORIGIN).write_text(json.dumps(origin, indent=1))
+    # From this process's parse of the file: planning and the gguf-file variant then read the summary from its
+    # cache instead of parsing the file again in the run's own process (10 s for the bundled vocabulary).
+    gguf_summary(gguf)
 
 
 def _agreeing_tokenizer(gguf: Path, auto_tokenizer: Any, emit: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:

@@ -60,6 +60,12 @@ def app_server(log_dir: Path, name: str, **env: str) -> Iterator[AppServer]:
         server.wait(timeout=30)
 
 
+# How long one UI step (a page load's events, a click's answer) may take before a browser test fails. A bound
+# for liveness, not a speed check: with the rest of the suite on both cores of a CI box, a page load whose events
+# answer in 2 s when idle was measured to take over 60 s.
+UI_STEP_TIMEOUT_MS = 300_000
+
+
 @contextmanager
 def chromium() -> Iterator[Any]:
     """A headless Chromium (a Playwright Browser), closed afterwards. Without /usr/bin/chromium this fails, never
@@ -79,6 +85,7 @@ def watched_page(browser: Any, errors: list[str], width: int = 1400, height: int
     """A page in its own context (its own cookies, so its own gradio session) whose script errors land in `errors`;
     with `console`, the console's error messages too."""
     page = browser.new_context(viewport={"width": width, "height": height}).new_page()
+    page.set_default_timeout(UI_STEP_TIMEOUT_MS)
     if console:
         page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(str(error)))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.app_server import app_server, chromium, watched_page
+from tests.app_server import UI_STEP_TIMEOUT_MS, app_server, chromium, watched_page
 
 RUN_ID = "20261201-120000-c4a7"
 OLD_RUN_ID = "20261130-120000-dead"
@@ -63,9 +63,8 @@ def _open_chat(page, url: str) -> None:
     page.goto(url)
     page.get_by_role("tab", name="Chat").click()
     # Filled on page load, no Refresh: the newest run is chosen and its first two variants with it.
-    page.wait_for_function(f"[...document.querySelectorAll('input[aria-label=\"Run\"]')].some(e => e.value === '{RUN_ID}')",
-                           timeout=60_000)
-    page.wait_for_function("document.body.innerText.includes('beta-variant')", timeout=60_000)
+    page.wait_for_function(f"[...document.querySelectorAll('input[aria-label=\"Run\"]')].some(e => e.value === '{RUN_ID}')")
+    page.wait_for_function("document.body.innerText.includes('beta-variant')")
 
 
 def _panel_texts(page, selector: str = ".chat-answer") -> list[str]:
@@ -81,7 +80,7 @@ def test_killed_worker_shows_its_reason_and_the_next_prompt_works_everywhere(cha
         page.get_by_label("Prompt").fill("What is a Python list?")
         page.get_by_role("button", name="Send to all").click()
         # The wait before the first token is said in the panels, per variant.
-        page.wait_for_function("document.body.innerText.includes('loading the variants')", timeout=60_000)
+        page.wait_for_function("document.body.innerText.includes('loading the variants')")
         page.wait_for_function("[...document.querySelectorAll('.chat-answer')].some(e => e.innerText.includes('tokens so far'))",
                                timeout=300_000)
         workers = _chat_workers(server_pid)
@@ -139,7 +138,7 @@ def test_blind_vote_reveals_both_names_and_tables_the_counts(chat_app) -> None:
             assert "differs" not in blind and "same text" not in blind and "tok/s" not in blind
             assert "<mark>" not in page.eval_on_selector_all(".blind-answer", "els => els.map(e => e.innerHTML).join()")
             page.get_by_role("button", name="A is better").click()
-            page.wait_for_function("document.querySelector('.vote-note')?.innerText.includes('A was')", timeout=60_000)
+            page.wait_for_function("document.querySelector('.vote-note')?.innerText.includes('A was')")
             note = page.locator(".vote-note").first.inner_text()
             assert re.search(r"A was (alpha|beta)-variant, B was (alpha|beta)-variant", note), note
             assert "alpha-variant" in note and "beta-variant" in note
@@ -152,8 +151,7 @@ def test_blind_vote_reveals_both_names_and_tables_the_counts(chat_app) -> None:
         assert [by_name[name][2] for name in NAMES] == ["2", "2"]  # two votes each, wins + losses = 2
         assert sum(int(by_name[name][3]) for name in NAMES) == 2
         page.get_by_role("button", name="Tie").click()  # a second vote on the same answer replaces it
-        page.wait_for_function("document.querySelector('.vote-note')?.innerText.includes('Changed your vote')",
-                               timeout=60_000)
+        page.wait_for_function("document.querySelector('.vote-note')?.innerText.includes('Changed your vote')")
     assert errors == []
 
 
@@ -166,13 +164,13 @@ def test_history_is_listed_on_load_and_the_delete_tick_resets(chat_app) -> None:
         page = watched_page(browser, errors, 1400, 1800)
         page.goto(url)
         page.get_by_role("tab", name="History").click()
-        page.wait_for_function(f"document.body.innerText.includes('{OLD_RUN_ID}')", timeout=60_000)  # no Refresh
+        page.wait_for_function(f"document.body.innerText.includes('{OLD_RUN_ID}')")  # no Refresh
         run_box = page.locator("input[aria-label='Run']:visible").first
         run_box.fill(OLD_RUN_ID)
         run_box.press("Enter")
         tick = page.get_by_label("Yes, delete this run")
         tick.check()
         page.get_by_role("button", name="Delete", exact=True).click()
-        page.wait_for_function(f"document.body.innerText.includes('deleted run {OLD_RUN_ID}')", timeout=60_000)
-        expect(tick).not_to_be_checked(timeout=30_000)
+        page.wait_for_function(f"document.body.innerText.includes('deleted run {OLD_RUN_ID}')")
+        expect(tick).not_to_be_checked(timeout=UI_STEP_TIMEOUT_MS)
     assert errors == []

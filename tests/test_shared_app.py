@@ -75,7 +75,7 @@ def test_visitor_b_sees_none_of_visitor_a_runs(shared_url) -> None:
         run_id = RUN_ID.search(alice.locator("body").inner_text()).group(0)
         alice.get_by_role("tab", name="History").click()
         alice.get_by_role("button", name="Refresh").click()
-        alice.locator(f"text={run_id} >> visible=true").first.wait_for(timeout=30_000)  # A sees their own run
+        alice.locator(f"text={run_id} >> visible=true").first.wait_for()  # A sees their own run
 
         bob = watched_page(browser, errors)
         bob.goto(shared_url)
@@ -95,7 +95,7 @@ def test_visitor_b_sees_none_of_visitor_a_runs(shared_url) -> None:
         run_box.fill(run_id)  # typed by hand: the dropdown takes custom values
         run_box.press("Enter")
         bob.get_by_role("button", name="Open", exact=True).click()
-        bob.locator(f"text=no run '{run_id}' here >> visible=true").first.wait_for(timeout=30_000)
+        bob.locator(f"text=no run '{run_id}' here >> visible=true").first.wait_for()
         assert bob.locator(".js-plotly-plot:visible").count() == 0  # nothing of A's run was drawn
     assert errors == []
 

@@ -88,6 +88,24 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_tied_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with lm_head tied to the embeddings, as SmolLM2 has it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-tied")
+    untied = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(tiny_model_dir, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    state = {n: t for n, t in untied.state_dict().items() if n != "lm_head.weight"}
+    model.load_state_dict(state, strict=False)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def write_preset(tmp_path: Path, tiny_model_dir: Path):
     """Write a preset YAML for the tiny model; keyword arguments override or add top-level keys."""

@@ -221,21 +221,23 @@ METHOD_CASES += [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_tied_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama with lm_head tied to the embeddings, as SmolLM2 has it."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def check_torchao_packed(built: Built) -> None:
+    """Every decoder Linear and the head hold torchao tensors (the loader packed them); the embedding does not."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    folder = tmp_path_factory.mktemp("tiny-tied")
-    untied = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(tiny_model_dir, tie_word_embeddings=True)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    state = {n: t for n, t in untied.state_dict().items() if n != "lm_head.weight"}
-    model.load_state_dict(state, strict=False)
-    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
-    return folder
+    for name, module in built.model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert is_traceable_wrapper_subclass(module.weight.data), name
+    assert not is_traceable_wrapper_subclass(built.model.model.embed_tokens.weight.data)
+
+
+METHOD_CASES += [
+    Case("torchao-int8", "torchao", {"scheme": "int8-weight-only"}, check_torchao_packed, requires="torchao"),
+    Case("torchao-int8-dynamic", "torchao", {"scheme": "int8-dynamic", "dtype": "float32"}, check_torchao_packed,
+         requires="torchao"),
+    Case("torchao-int4-tied", "torchao", {"scheme": "int4-weight-only", "group_size": 32}, check_torchao_packed,
+         model="tiny_tied_dir", requires="torchao"),
+]
 
 
 def build(method_name: str, source: Path, out: Path, options: dict) -> Path:

@@ -21,7 +21,9 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     from workbench.planning.modelshape import ModelShape
 
-Honesty = Literal["real-kernel", "simulated", "dense-with-zeros"]
+# "no-speedup": stored and run in the compressed format, but its decode was not measured faster than the
+# baseline's on this machine (only a method with `honesty_from_speed` gets it; running/honesty.py).
+Honesty = Literal["real-kernel", "simulated", "dense-with-zeros", "no-speedup"]
 # What a stage's output folder is, so a pipeline can be checked before anything runs:
 #   "hf"        a plain transformers folder of float weights: every weight method can take it
 #   "quantized" a transformers folder with a quantization_config (bitsandbytes, compressed-tensors):
@@ -116,6 +118,9 @@ class Method:
     summary: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = NoOptions
     honesty: ClassVar[Honesty] = "real-kernel"
+    # True when "real-kernel" is a claim about speed that this method's kernels may not keep on every machine
+    # (torchao, HQQ on a CPU): the runner then keeps the label only if the measured decode speed shows it.
+    honesty_from_speed: ClassVar[bool] = False
     runtime: ClassVar[str] = "torch"  # which runtime loads the artifact (runtimes/<runtime>.py)
     accepts: ClassVar[frozenset[str]] = frozenset({"hf"})  # artifact kinds this method can take as input
     produces: ClassVar[ArtifactKind] = "hf"

@@ -30,6 +30,8 @@ _REGISTRY: dict[str, str] = {
     "awq": "workbench.methods.llmcompressor:AWQ",
     "sparsegpt": "workbench.methods.llmcompressor:SparseGPT",
     "wanda": "workbench.methods.llmcompressor:Wanda",
+    # torch's own low-bit CPU kernels
+    "torchao": "workbench.methods.torchao:TorchAO",
     # plain torch: pruning, weight sharing, factorisation
     "magnitude": "workbench.methods.magnitude:Magnitude",
     "structured": "workbench.methods.structured:Structured",

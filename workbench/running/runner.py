@@ -188,11 +188,20 @@ class Runner:
             from workbench.running.speedpass import interleaved_pass
 
             if interleaved_pass(self, records, run):  # paired speed ratios (speedpass.py): store the records again
-                for position, record in records.items():
-                    history.save_variant(self.run_id, position, record)
-                self._write_results(run)
+                self._save_records(run, records, history)
+        from workbench.methods.registry import get_method
+        from workbench.running.honesty import apply_speed_labels
+
+        claims = {spec.name: get_method(spec.stages()[-1].method).honesty_from_speed for spec in self.preset.variants}
+        if apply_speed_labels(records, self.preset.baseline, claims):  # after the paired ratios, its best evidence
+            self._save_records(run, records, history)
         if self.preset.sensitivity and not self._cancel.is_set():
             run["sensitivity"] = self._sensitivity(records, prep)
+
+    def _save_records(self, run: dict, records: dict[int, dict], history: History) -> None:
+        for position, record in records.items():
+            history.save_variant(self.run_id, position, record)
+        self._write_results(run)
 
     def _finish(self, run: dict, history: History) -> None:
         """The run's status, results.json, the HTML report and the history entry."""

@@ -79,9 +79,9 @@ class TorchVariant(Variant):
             weight = getattr(module, "weight", None)
             if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or weight is None:
                 continue
-            if weight.data_ptr() in seen:  # tied input/output embeddings are one matrix
+            if storage_id(weight) in seen:  # tied input/output embeddings are one matrix
                 continue
-            seen.add(weight.data_ptr())
+            seen.add(storage_id(weight))
             yield name, dense_weight(module)
 
     def eos_ids(self) -> set[int]:
@@ -97,7 +97,7 @@ class TorchVariant(Variant):
         embedding = self.model.get_input_embeddings().weight
         output = self.model.get_output_embeddings()
         tied = output is not None and getattr(output, "weight", None) is not None \
-            and output.weight.data_ptr() == embedding.data_ptr()
+            and storage_id(output.weight) == storage_id(embedding)
         return {"embedding_bytes": embedding.numel() * embedding.element_size(), "embedding_rows": embedding.shape[0],
                 "tied": bool(tied)}
 
@@ -114,15 +114,36 @@ class TorchVariant(Variant):
             torch.cuda.empty_cache()
 
 
+def _storages(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The plain tensors that hold a tensor's bytes: itself, or for a wrapper subclass (torchao's packed int8 and
+    int4 weights) its inner tensors, whose logical shape times the float element size is not what they store."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        for name in names:
+            yield from _storages(getattr(tensor, name))
+    else:
+        yield tensor
+
+
+def storage_id(tensor: torch.Tensor) -> int:
+    """Where a tensor's (first) storage lives: equal for tied weights, defined for wrapper subclasses too."""
+    return next(_storages(tensor)).data_ptr()
+
+
 def state_bytes(model: torch.nn.Module) -> int:
     """Bytes of the model's state (weights, buffers, quantization scales), each storage counted once."""
     seen: set[int] = set()
     total = 0
-    for tensor in model.state_dict().values():
-        if not isinstance(tensor, torch.Tensor) or tensor.data_ptr() in seen:
+    for value in model.state_dict().values():
+        if not isinstance(value, torch.Tensor):
             continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel() * tensor.element_size()
+        for tensor in _storages(value):
+            if tensor.data_ptr() in seen:
+                continue
+            seen.add(tensor.data_ptr())
+            total += tensor.numel() * tensor.element_size()
     return total
 
 
@@ -133,8 +154,23 @@ def dense_weight(module: torch.nn.Module) -> torch.Tensor:
         import bitsandbytes.functional as bnb_functional
 
         return bnb_functional.dequantize_4bit(weight.data, quant_state)
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if is_traceable_wrapper_subclass(weight.data):  # torchao's packed int8 / int4 tensors
+        return unpacked_weight(weight.data)
     # bitsandbytes int8 keeps int8 values (zero means zero); float weights are used as they are.
     return weight.data
+
+
+def unpacked_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A packed weight subclass as a plain [out, in] tensor: its own `dequantize`, or where the layout has none
+    (torchao's CPU int4 layout) the weight applied to the identity: linear(I, W) = W^T, values as its kernel sees them."""
+    try:
+        return weight.dequantize()
+    except NotImplementedError:
+        with torch.inference_mode():
+            identity = torch.eye(weight.shape[1], dtype=weight.dtype, device=weight.device)
+            return torch.nn.functional.linear(identity, weight).T.contiguous()
 
 
 def float_weight(module: torch.nn.Module) -> torch.Tensor:

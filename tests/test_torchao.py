@@ -146,3 +146,27 @@ def test_the_label_is_real_kernel_only_when_the_measured_decode_is_faster() -> N
     assert apply_speed_labels(records, "fp32", {"fp32": False, "ao": True, "nf4": False, "ao2": True})
     assert [records[i]["honesty"] for i in range(4)] == [REAL, NO_SPEEDUP, REAL, "simulated"]
     assert "sequential pass" in records[1]["honesty_evidence"]
+
+
+def test_a_run_records_the_label_its_own_speed_figures_give_and_the_planned_bytes(write_preset, tmp_path) -> None:
+    require("torchao")
+    from workbench.config.presets import load_preset
+    from workbench.running.runner import Runner
+
+    path = write_preset([{"name": "fp32", "method": "fp32"},
+                         {"name": "ao-int4", "method": "torchao", "options": {"scheme": "int4-weight-only"}},
+                         {"name": "ao-int8", "method": "torchao", "options": {"scheme": "int8-weight-only"}}])
+    run = Runner(load_preset(path), out_dir=tmp_path / "out").run()
+    records = {r["name"]: r for r in run["variants"]}
+    assert run["status"] == "ok", [r["error"] for r in run["variants"]]
+    assert records["fp32"]["honesty"] == "real-kernel" and "honesty_evidence" not in records["fp32"]
+    for name in ("ao-int4", "ao-int8"):
+        record = records[name]
+        assert record["honesty"] in (REAL, NO_SPEEDUP)
+        # the label is the one the stored figures give, whichever it is on this machine
+        assert (record["honesty"], record["honesty_evidence"]) == label_from_speed(record, records["fp32"])
+        assert record["estimate"]["weight_bytes"] == record["metrics"]["weight_bytes"]  # the packed bytes, planned
+        assert record["metrics"]["weight_bytes"] < records["fp32"]["metrics"]["weight_bytes"] / 2
+        assert record["metrics"]["kld_mean"] > 0  # quantized: not the baseline's logits
+    stored = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {r["name"]: r["honesty"] for r in stored["variants"]} == {n: r["honesty"] for n, r in records.items()}

@@ -126,11 +126,11 @@ def load_quantized(folder: Path, device: str, trust_remote_code: bool) -> Any:
 
 def _scheme_bytes(scheme: str, group_size: int, inputs: int, outputs: int, dtype_bytes: int) -> int:
     """Bytes one packed Linear weight holds (the inner tensors of torchao 0.18's Int8Tensor and Int4OpaqueTensor):
-    int8 values with a scale (activation dtype) and an int8 zero point per output row, or int4 values two per byte
-    with a (scale, zero) pair per group in the activation dtype."""
+    int8 values with a float32 scale (whatever the activation dtype) and an int8 zero point per output row, or int4
+    values two per byte with a (scale, zero) pair per group in the activation dtype."""
     if scheme == "int4-weight-only":
         return inputs * outputs // 2 + (inputs // group_size) * outputs * 2 * dtype_bytes
-    return inputs * outputs + outputs * (dtype_bytes + 1)
+    return inputs * outputs + outputs * (4 + 1)
 
 
 class TorchAO(Method):

@@ -231,12 +231,22 @@ def check_torchao_packed(built: Built) -> None:
     assert not is_traceable_wrapper_subclass(built.model.model.embed_tokens.weight.data)
 
 
+def check_hqq_layers(built: Built) -> None:
+    """Every decoder Linear became an HQQLinear holding packed integers; the head and embedding stay float."""
+    from hqq.core.quantize import HQQLinear
+
+    layers = [m for n, m in built.model.named_modules() if n.startswith("model.layers.") and isinstance(m, HQQLinear)]
+    assert len(layers) == 2 * 7 and all(m.W_q.dtype in (torch.uint8, torch.int32) for m in layers)
+    assert isinstance(built.model.lm_head, torch.nn.Linear)
+
+
 METHOD_CASES += [
     Case("torchao-int8", "torchao", {"scheme": "int8-weight-only"}, check_torchao_packed, requires="torchao"),
     Case("torchao-int8-dynamic", "torchao", {"scheme": "int8-dynamic", "dtype": "float32"}, check_torchao_packed,
          requires="torchao"),
     Case("torchao-int4-tied", "torchao", {"scheme": "int4-weight-only", "group_size": 32}, check_torchao_packed,
          model="tiny_tied_dir", requires="torchao"),
+    Case("hqq-3bit", "hqq", {"nbits": 3, "group_size": 32}, check_hqq_layers, requires="hqq"),
 ]
 
 

@@ -73,9 +73,12 @@ class TorchVariant(Variant):
         return Footprint(weight_bytes=state_bytes(self.model), disk_bytes=folder_bytes(self.artifact_path))
 
     def weight_matrices(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, dense float weight) of every Linear and Embedding, dequantizing bnb layers exactly."""
+        """(name, dense float weight) of every Linear and Embedding, dequantizing bnb, torchao and hqq layers."""
         seen: set[int] = set()
         for name, module in self.model.named_modules():
+            if hasattr(module, "W_q") and callable(getattr(module, "dequantize", None)):  # hqq's HQQLinear
+                yield name, module.dequantize()
+                continue
             weight = getattr(module, "weight", None)
             if not isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or weight is None:
                 continue

@@ -32,6 +32,7 @@ _REGISTRY: dict[str, str] = {
     "wanda": "workbench.methods.llmcompressor:Wanda",
     # torch's own low-bit CPU kernels
     "torchao": "workbench.methods.torchao:TorchAO",
+    "hqq": "workbench.methods.hqq:HQQ",
     # plain torch: pruning, weight sharing, factorisation
     "magnitude": "workbench.methods.magnitude:Magnitude",
     "structured": "workbench.methods.structured:Structured",

@@ -3,7 +3,7 @@
     python bench/cpu_methods.py [--preset presets/cpu-speed.yaml] [--results RUN/results.json]
 
 Runs the preset (every variant of presets/cpu-speed.yaml: fp32, bf16, llama.cpp Q4_K_M and Q8_0, torchao
-int4 / int8 / int8-dynamic) through the workbench, or reads a finished run's results.json, and prints per
+int4 / int8 / int8-dynamic, hqq 4-bit and 8-bit) through the workbench, or reads a finished run's results.json, and prints per
 variant, against the fp32 baseline and measured side by side in that one run:
   - decode and prefill (time to first token) speed ratios: medians of per-round ratios of the interleaved
     pass, with their 95 % paired intervals (running/speedpass.py); prefill ratio = 1 / TTFT ratio;
@@ -26,7 +26,9 @@ GOAL_DECODE, GOAL_PPL = 2.0, 1.10
 
 
 def _is_torch_side_4bit(record: dict) -> bool:
-    return record["method"] == "torchao" and (record.get("options") or {}).get("scheme") == "int4-weight-only"
+    options = record.get("options") or {}
+    return (record["method"] == "torchao" and options.get("scheme") == "int4-weight-only") or \
+        (record["method"] == "hqq" and options.get("nbits", 4) == 4)
 
 
 def _interval(values: list | None, invert: bool = False) -> str:

@@ -33,6 +33,8 @@ _REGISTRY: dict[str, str] = {
     # torch's own low-bit CPU kernels
     "torchao": "workbench.methods.torchao:TorchAO",
     "hqq": "workbench.methods.hqq:HQQ",
+    # AutoRound's sign-gradient rounding, exported to GGUF (llama.cpp runs it) or to its own checkpoint
+    "autoround": "workbench.methods.autoround:AutoRound",
     # plain torch: pruning, weight sharing, factorisation
     "magnitude": "workbench.methods.magnitude:Magnitude",
     "structured": "workbench.methods.structured:Structured",

@@ -57,6 +57,11 @@ class TorchAOOptions(MethodOptions):
 
 
 def require_torchao() -> Any:
+    import logging
+
+    # torchao's wheel carries CUDA-only extensions (mxfp8, cutlass) whose failed loads it logs as warnings on
+    # every import; none of them is used on a CPU, so they would only alarm the reader of a variant's log.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
     try:
         import torchao
     except Exception as exc:  # an ImportError or a broken native library

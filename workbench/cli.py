@@ -310,7 +310,8 @@ def cmd_list_methods(_args: argparse.Namespace) -> int:
 
     for name in method_names():
         method = get_method(name)
-        print(f"{name}  [{method.honesty}]  {method.summary}")
+        label = "real-kernel if measured faster, else no-speedup" if method.honesty_from_speed else method.honesty
+        print(f"{name}  [{label}]  {method.summary}")
         for field_name, field in method.Options.model_fields.items():
             given = "required" if field.is_required() else f"default: {field.get_default(call_default_factory=True)!r}"
             print(f"    {field_name} ({given}): {field.description}")

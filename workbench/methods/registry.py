@@ -33,8 +33,9 @@ _REGISTRY: dict[str, str] = {
     # torch's own low-bit CPU kernels
     "torchao": "workbench.methods.torchao:TorchAO",
     "hqq": "workbench.methods.hqq:HQQ",
-    # AutoRound's sign-gradient rounding, exported to GGUF (llama.cpp runs it) or to its own checkpoint
+    # AutoRound's sign-gradient rounding, exported to GGUF (llama.cpp runs it) or to its own checkpoint (torch)
     "autoround": "workbench.methods.autoround:AutoRound",
+    "autoround-native": "workbench.methods.autoround:AutoRoundNative",
     # plain torch: pruning, weight sharing, factorisation
     "magnitude": "workbench.methods.magnitude:Magnitude",
     "structured": "workbench.methods.structured:Structured",

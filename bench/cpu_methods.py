@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 from _common import prepared
@@ -54,8 +53,8 @@ def main() -> None:
         from workbench.running.runner import Runner
 
         preset, _source, _tokens = prepared(args.preset)
-        with tempfile.TemporaryDirectory() as out:
-            run = Runner(preset, out_dir=Path(out)).run()
+        # Kept like any run ($WORKBENCH_HOME/runs/RUN_ID, and in the History tab): its records are the evidence.
+        run = Runner(preset, on_event=lambda e: print(f"  {e.variant or ''} {e.phase}: {e.message}", flush=True)).run()
     print(f"run {run['run_id']}: {run['protocol'].get('interleave')}")
     header = (f"{'variant':<16} {'method':<8} {'MB':>6} {'decode x':>8} {'95% CI':>13} {'prefill x':>9} {'95% CI':>13} "
               f"{'ppl x':>6} {'95% CI':>13} {'KLD':>7}  honesty")

@@ -51,7 +51,9 @@ class TorchAOOptions(MethodOptions):
 
     @model_validator(mode="after")
     def _group_size_only_for_int4(self) -> "TorchAOOptions":
-        if self.scheme != "int4-weight-only" and "group_size" in self.model_fields_set:
+        # The default written out (a saved preset dumps every field) is fine; another group size would be ignored.
+        default = type(self).model_fields["group_size"].default
+        if self.scheme != "int4-weight-only" and self.group_size != default:
             raise ValueError(f"group_size applies to int4-weight-only only, not {self.scheme}")
         return self
 
